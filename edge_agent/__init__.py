@@ -1,0 +1,1 @@
+"""The gkt edge agent: a small student finishes answers the cloud teacher began."""

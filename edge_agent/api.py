@@ -1,0 +1,71 @@
+"""Edge routes only: OpenAI-compatible completions plus health."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from edge_agent.pipeline import Pipeline
+from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
+from edge_agent.responses import Envelope, Kind, collect, stream
+
+router = APIRouter()
+
+
+def get_pipeline(request: Request) -> Pipeline:
+    return request.app.state.pipeline
+
+
+PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+
+
+async def _answer(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Any:
+    plan = pipeline.plan(body)
+    env = Envelope(kind=kind, model=pipeline.student.name)
+    events = pipeline.run(plan)
+    if not body.stream:
+        text, summary = await collect(events)
+        return JSONResponse(env.whole(text, summary))
+    # Pull the first event before answering so that a refusal (e.g. teacher mode with the cloud down)
+    # is still an HTTP status rather than an error inside a 200 stream.
+    first = await anext(events)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        stream(env, first, events, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -> Any:
+    """OpenAI chat completions; ``mode``, ``guidance_tokens`` and ``task`` are gkt extensions."""
+    return await _answer(pipeline, body, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, pipeline: PipelineDep) -> Any:
+    """OpenAI text completions of a raw prompt; same extensions as chat."""
+    return await _answer(pipeline, body, "completion")
+
+
+@router.get("/v1/models")
+async def models(pipeline: PipelineDep) -> dict[str, Any]:
+    """The student this edge serves."""
+    return {"object": "list", "data": [{"id": pipeline.student.name, "object": "model", "owned_by": "gkt"}]}
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the student is loaded (never depends on the cloud)."""
+    if getattr(request.app.state, "pipeline", None) is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": request.app.state.pipeline.student.name})

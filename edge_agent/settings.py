@@ -1,0 +1,33 @@
+"""Edge settings, read from ``GKT_EDGE_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.models import DEFAULT_STUDENT
+
+
+class EdgeSettings(BaseSettings):
+    """Configuration of the edge agent (env prefix ``GKT_EDGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_EDGE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8002, ge=0, le=65535, description="Bind port.")
+    model: str = Field(DEFAULT_STUDENT, description="Student: registry model name or GGUF path.")
+    n_ctx: int = Field(4096, ge=256, le=131072, description="Student context size in tokens.")
+    n_threads: int = Field(1, ge=1, le=256, description="Student threads for prompt and generation.")
+    n_batch: int = Field(512, ge=16, le=8192, description="Student prompt batch size.")
+    max_waiting: int = Field(16, ge=0, le=4096, description="Requests that may wait for the student.")
+    cloud_url: str = Field("http://127.0.0.1:8001", description="Base URL of the gkt cloud.")
+    cloud_connect_timeout_s: float = Field(3.0, gt=0, le=120, description="Connect timeout to the cloud.")
+    cloud_read_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="Longest silence on a guidance stream (heartbeats count as traffic)."
+    )
+    default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
+    default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
+    default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")
+    log_level: str = Field("info", description="Python log level.")

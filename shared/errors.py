@@ -1,0 +1,97 @@
+"""One error table for both services.
+
+Every error a client can see is an ``ErrorCode``: its HTTP status, its OpenAI-style ``type`` and whether
+retrying the same request may succeed. Bodies always use the OpenAI envelope::
+
+    {"error": {"message": "...", "type": "...", "param": "...", "code": "..."}}
+
+Exception tree::
+
+    GKTError                      an error with a code from the table (safe to show to a client)
+    └── IncompleteStreamError     a guidance stream ended without a terminal frame (F1)
+
+Internal exceptions never reach a client as text: they become ``internal_error`` with a request id.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class ErrorCode(Enum):
+    """Error codes with their HTTP status, OpenAI error type and retryability.
+
+    Each value starts with the code's own name so that no two members alias each other.
+    """
+
+    invalid_request = ("invalid_request", 400, "invalid_request_error", False)
+    context_length_exceeded = ("context_length_exceeded", 400, "invalid_request_error", False)
+    not_found = ("not_found", 404, "invalid_request_error", False)
+    method_not_allowed = ("method_not_allowed", 405, "invalid_request_error", False)
+    payload_too_large = ("payload_too_large", 413, "invalid_request_error", False)
+    overloaded = ("overloaded", 503, "server_error", True)
+    upstream_unavailable = ("upstream_unavailable", 502, "server_error", True)
+    upstream_error = ("upstream_error", 502, "server_error", True)
+    upstream_rejected = ("upstream_rejected", 400, "invalid_request_error", False)
+    timeout = ("timeout", 504, "server_error", True)
+    protocol_error = ("protocol_error", 502, "server_error", True)
+    engine_error = ("engine_error", 500, "server_error", True)
+    internal_error = ("internal_error", 500, "server_error", False)
+
+    @property
+    def status(self) -> int:
+        return self.value[1]
+
+    @property
+    def type(self) -> str:
+        return self.value[2]
+
+    @property
+    def retryable(self) -> bool:
+        return self.value[3]
+
+
+class GKTError(Exception):
+    """An error whose message is safe to send to a client."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def status(self) -> int:
+        return self.code.status
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.code, self.message, param=self.param)
+
+
+class IncompleteStreamError(GKTError):
+    """The guidance stream reached EOF without a ``done`` or ``error`` frame."""
+
+    def __init__(self, message: str = "guidance stream ended without a terminal frame") -> None:
+        super().__init__(ErrorCode.protocol_error, message)
+
+
+def error_body(code: ErrorCode, message: str, *, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI-style error envelope."""
+    return {"error": {"message": message, "type": code.type, "param": param, "code": code.name}}
+
+
+def code_from_name(name: str | None) -> ErrorCode:
+    """Map a code name received over the wire back to the table (unknown names are upstream errors)."""
+    try:
+        return ErrorCode[name] if name else ErrorCode.upstream_error
+    except KeyError:
+        return ErrorCode.upstream_error

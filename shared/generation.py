@@ -1,0 +1,80 @@
+"""Engine-neutral generation types: parameters, streamed pieces, the final result, stop matching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.errors import ErrorCode, GKTError
+
+
+@dataclass
+class GenerationParams:
+    """What to generate: a token budget plus OpenAI-style sampling."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Piece:
+    """Text produced by ``tokens`` tokens (text may be held back while it could start a stop sequence)."""
+
+    text: str
+    tokens: int = 1
+
+
+@dataclass
+class GenerationResult:
+    """The end of a generation: why it stopped, token counts in the engine's tokenizer, and timings."""
+
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float = 0.0
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
+    cached_prompt_tokens: int = 0
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back only what could still become one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop sequence was reached)."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def context_error(n_ctx: int, prompt_tokens: int, max_tokens: int, param: str) -> GKTError:
+    """The V4 error: states the counts so the caller can fix the request."""
+    return GKTError(
+        ErrorCode.context_length_exceeded,
+        f"This model's maximum context length is {n_ctx} tokens. The prompt has {prompt_tokens} tokens and "
+        f"{max_tokens} more were requested ({prompt_tokens + max_tokens} in total).",
+        param=param,
+    )

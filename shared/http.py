@@ -1,0 +1,97 @@
+"""HTTP plumbing both services share: the error envelope on every failure path, request ids."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import ErrorCode, GKTError, error_body
+
+log = logging.getLogger("gkt.http")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_HTTP_CODES = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed, 413: ErrorCode.payload_too_large}
+
+
+def request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or "-"
+
+
+def error_response(err: GKTError, request: Request | None = None) -> JSONResponse:
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if request is not None:
+        headers[REQUEST_ID_HEADER] = request_id(request)
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the OpenAI envelope; internal errors never leak their text."""
+
+    @app.exception_handler(GKTError)
+    async def _gkt(request: Request, exc: GKTError) -> JSONResponse:
+        return error_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(GKTError(ErrorCode.invalid_request, message, param=param), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.invalid_request)
+        resp = JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        resp.headers[REQUEST_ID_HEADER] = request_id(request)
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id(request)
+        log.exception("internal error (request %s)", rid)
+        return error_response(GKTError(ErrorCode.internal_error, f"internal error (request id {rid})"), request)
+
+
+class RequestIdMiddleware:
+    """Takes a well-formed ``X-Request-ID`` from the client or makes one; echoes it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
+        rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                headers.append((b"x-request-id", rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,74 @@
+"""Shared fixtures: real services as separate processes on loopback ports, models loaded once a session.
+
+Models come from the local cache (`gkt models fetch`, run by `make test`); a missing model is an error,
+not a skip, so a broken setup cannot pass quietly.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gkt.launcher import Service, cloud_service, edge_service, free_port
+from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
+
+ONE_THREAD = {"GKT_CLOUD_N_THREADS": "1", "GKT_EDGE_N_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+def _run(service: Service) -> Iterator[Service]:
+    service.start()
+    try:
+        yield service.wait_ready()
+    finally:
+        service.stop()
+
+
+@pytest.fixture(scope="session")
+def cloud(logs: Path) -> Iterator[Service]:
+    """The default teacher (Qwen2.5-Coder-1.5B) on llama.cpp, one thread."""
+    env = {**ONE_THREAD, "GKT_CLOUD_MODEL": DEFAULT_TEACHER, "GKT_CLOUD_N_CTX": "2048"}
+    yield from _run(cloud_service(free_port(), env, log_path=logs / "cloud.log"))
+
+
+@pytest.fixture(scope="session")
+def edge(cloud: Service, logs: Path) -> Iterator[Service]:
+    """The default student (Qwen2.5-Coder-0.5B) guided by ``cloud``."""
+    env = {**ONE_THREAD, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048"}
+    yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log"))
+
+
+@pytest.fixture(scope="session")
+def edge_smol(cloud: Service, logs: Path) -> Iterator[Service]:
+    """SmolLM2-135M (a different vocabulary) guided by the Qwen teacher."""
+    env = {**ONE_THREAD, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge_smol.log"))
+
+
+@pytest.fixture(scope="session")
+def upstream(logs: Path) -> Iterator[Service]:
+    """llama-cpp-python's own OpenAI-compatible server: a real upstream for the cloud's OpenAI backend."""
+    port = free_port()
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(resolve("smollm2-135m-instruct")),
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
+            "--n_threads_batch", "1", "--model_alias", "smollm2-upstream"]
+    yield from _run(Service("upstream", argv, port, ready_path="/v1/models", log_path=logs / "upstream.log"))
+
+
+@pytest.fixture(scope="session")
+def cloud_upstream(upstream: Service, logs: Path) -> Iterator[Service]:
+    env = {"GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": f"{upstream.url}/v1"}
+    yield from _run(cloud_service(free_port(), env, log_path=logs / "cloud_upstream.log"))
+
+
+@pytest.fixture(scope="session")
+def edge_upstream(cloud_upstream: Service, logs: Path) -> Iterator[Service]:
+    env = {**ONE_THREAD, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    yield from _run(edge_service(free_port(), cloud_upstream.url, env, log_path=logs / "edge_upstream.log"))
