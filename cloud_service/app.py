@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
-from cloud_service.api import router
+from cloud_service.api import ROUTE_LABELS, router
 from cloud_service.engine import TeacherEngine, build_engine
+from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
 from cloud_service.settings import CloudSettings
+from shared.errors import GKTError
 from shared.http import RequestIdMiddleware, install_error_handlers
 
 
@@ -21,7 +23,9 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         teacher = engine or await build_engine(settings)
-        app.state.service = GuidanceService(teacher, settings)
+        if hasattr(teacher, "waiting"):
+            metrics.bind_queue(lambda: teacher.waiting)  # type: ignore[attr-defined]
+        app.state.service = GuidanceService(teacher, settings, metrics)
         try:
             yield
         finally:
@@ -32,7 +36,14 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
     app = FastAPI(title="gkt cloud", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.service = None
+    app.state.metrics = metrics = CloudMetrics()
+
+    def on_invalid(request: Request, err: GKTError) -> None:
+        # Bodies that fail validation never reach a route; count them so every request shows.
+        if route := ROUTE_LABELS.get(request.url.path):
+            metrics.rejected(route, err)
+
     app.add_middleware(RequestIdMiddleware)
-    install_error_handlers(app)
+    install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)
     return app

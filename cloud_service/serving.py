@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from cloud_service.engine import Generation, TeacherEngine
+from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
@@ -33,9 +34,10 @@ log = logging.getLogger("gkt.cloud")
 class GuidanceService:
     """Validates requests against the teacher, then streams or collects its first k tokens."""
 
-    def __init__(self, engine: TeacherEngine, settings: CloudSettings) -> None:
+    def __init__(self, engine: TeacherEngine, settings: CloudSettings, metrics: CloudMetrics | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics or CloudMetrics()
 
     def _check(self, request: GuidanceRequest) -> None:
         if request.max_tokens > self.settings.max_guidance_tokens:
@@ -45,10 +47,15 @@ class GuidanceService:
                 param="max_tokens",
             )
 
-    async def open(self, request: GuidanceRequest) -> Generation:
+    async def open(self, request: GuidanceRequest, route: str = "guidance") -> Generation:
         """Validate and start; errors here become an HTTP status (nothing has been sent yet)."""
-        self._check(request)
-        return await self.engine.open(request)
+        try:
+            self._check(request)
+            generation = await self.engine.open(request)
+        except GKTError as err:
+            self.metrics.rejected(route, err)
+            raise
+        return self.metrics.observe(generation, route)
 
     def _done(self, seq: int, result: GenerationResult) -> DoneFrame:
         return DoneFrame(
@@ -125,7 +132,7 @@ class GuidanceService:
         async def one(index: int, item: GuidanceRequest) -> BatchItem:
             async with gate:
                 try:
-                    return BatchItem(index=index, result=await self.collect(await self.open(item)))
+                    return BatchItem(index=index, result=await self.collect(await self.open(item, "batch")))
                 except GKTError as err:
                     info = ErrorInfo(message=err.message, type=err.code.type, code=err.code.name, param=err.param)
                     return BatchItem(index=index, error=info)

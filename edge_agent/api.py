@@ -7,9 +7,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.responses import Envelope, Kind, collect, stream
+from shared.errors import GKTError
+from shared.metrics import metrics_response
 
 router = APIRouter()
 
@@ -18,13 +21,27 @@ def get_pipeline(request: Request) -> Pipeline:
     return request.app.state.pipeline
 
 
+def get_metrics(request: Request) -> EdgeMetrics:
+    return request.app.state.metrics
+
+
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+MetricsDep = Annotated[EdgeMetrics, Depends(get_metrics)]
+ROUTE_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
-async def _answer(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRequest, kind: Kind) -> Any:
-    plan = pipeline.plan(body)
+async def _answer(
+    pipeline: Pipeline, metrics: EdgeMetrics, body: ChatCompletionRequest | CompletionRequest, kind: Kind
+) -> Any:
+    route = "chat" if kind == "chat" else "completions"
+    mode = body.mode or pipeline.settings.default_mode
+    try:
+        plan = pipeline.plan(body)
+    except GKTError as err:
+        metrics.rejected(route, mode, err)
+        raise
     env = Envelope(kind=kind, model=pipeline.student.name)
-    events = pipeline.run(plan)
+    events = metrics.observe(pipeline.run(plan), route, mode)
     if not body.stream:
         text, summary = await collect(events)
         return JSONResponse(env.whole(text, summary))
@@ -40,21 +57,27 @@ async def _answer(pipeline: Pipeline, body: ChatCompletionRequest | CompletionRe
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep) -> Any:
+async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
     """OpenAI chat completions; ``mode``, ``guidance_tokens`` and ``task`` are gkt extensions."""
-    return await _answer(pipeline, body, "chat")
+    return await _answer(pipeline, metrics, body, "chat")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, pipeline: PipelineDep) -> Any:
+async def completions(body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
     """OpenAI text completions of a raw prompt; same extensions as chat."""
-    return await _answer(pipeline, body, "completion")
+    return await _answer(pipeline, metrics, body, "completion")
 
 
 @router.get("/v1/models")
 async def models(pipeline: PipelineDep) -> dict[str, Any]:
     """The student this edge serves."""
     return {"object": "list", "data": [{"id": pipeline.student.name, "object": "model", "owned_by": "gkt"}]}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics_endpoint(metrics: MetricsDep) -> Any:
+    """Prometheus exposition of the ``gkt_edge_*`` series."""
+    return metrics_response(metrics.registry)
 
 
 @router.get("/health")

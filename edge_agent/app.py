@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
-from edge_agent.api import router
+from edge_agent.api import ROUTE_LABELS, router
 from edge_agent.cloud import CloudClient
+from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.settings import EdgeSettings
+from shared.errors import GKTError
 from shared.http import RequestIdMiddleware, install_error_handlers
 from shared.llama import LlamaEngine
 from shared.models import resolve
@@ -41,6 +43,7 @@ def create_app(
             n_batch=settings.n_batch, max_waiting=settings.max_waiting, name=settings.model,
         )
         client = http or cloud_http_client(settings)
+        metrics.bind_queue(lambda: engine.waiting)
         app.state.pipeline = Pipeline(engine, CloudClient(client), settings)
         try:
             yield
@@ -54,7 +57,14 @@ def create_app(
     app = FastAPI(title="gkt edge", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.pipeline = None
+    app.state.metrics = metrics = EdgeMetrics()
+
+    def on_invalid(request: Request, err: GKTError) -> None:
+        # Bodies that fail validation never reach a route; count them here so every answer request shows.
+        if route := ROUTE_LABELS.get(request.url.path):
+            metrics.rejected(route, "unknown", err)
+
     app.add_middleware(RequestIdMiddleware)
-    install_error_handlers(app)
+    install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)
     return app

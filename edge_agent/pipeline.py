@@ -41,10 +41,15 @@ class GKTUsage(BaseModel):
 
 
 class GKTTimings(BaseModel):
-    """Seconds. ``cloud_ttft_s``/``guidance_s`` are measured at the edge from the request to the cloud."""
+    """Seconds. ``cloud_ttft_s``, ``guidance_last_token_s`` and ``guidance_s`` are measured at the edge from
+    the moment the guidance request was sent; ``ttft_s`` and ``total_s`` from the start of the answer;
+    ``handoff_gap_s`` from the last guidance token to the student's first token."""
 
+    ttft_s: float | None = None
     cloud_ttft_s: float | None = None
+    guidance_last_token_s: float | None = None
     guidance_s: float | None = None
+    handoff_gap_s: float | None = None
     student_queue_s: float | None = None
     student_prompt_s: float | None = None
     student_generation_s: float | None = None
@@ -60,6 +65,7 @@ class GKTInfo(BaseModel):
     guidance: str = ""
     guidance_complete: bool = False
     partial: bool = False
+    partial_reason: str | None = None
     fallback: str | None = None
     cloud_error: str | None = None
     teacher_model: str | None = None
@@ -168,6 +174,11 @@ class Pipeline:
         info.usage.student_prompt_tokens = len(plan.student_tokens)
         parts: list[str] = []
         finish: Literal["stop", "length"] | None = None
+        t_last_guidance: float | None = None
+
+        def first_token() -> None:
+            if info.timings.ttft_s is None:
+                info.timings.ttft_s = perf_counter() - t0
 
         if plan.mode in ("gkt", "teacher"):
             info.guidance_tokens = plan.k
@@ -178,13 +189,16 @@ class Pipeline:
                     if isinstance(item, DoneFrame):
                         done = item
                         continue
+                    t_last_guidance = perf_counter()
                     out = seam.feed(item) if seam else item
                     if out:
+                        first_token()
                         parts.append(out)
                         yield Delta(out, "teacher")
             complete = done is not None and done.finish_reason == "stop"
             if seam is not None:
                 if tail := seam.finish(complete):
+                    first_token()
                     parts.append(tail)
                     yield Delta(tail, "teacher")
                 info.guidance = seam.kept
@@ -206,6 +220,9 @@ class Pipeline:
                 async with aclosing(self.student.stream(tokens, params)) as gen:
                     async for piece in gen:
                         if isinstance(piece, Piece):
+                            if info.timings.handoff_gap_s is None and t_last_guidance is not None:
+                                info.timings.handoff_gap_s = perf_counter() - t_last_guidance
+                            first_token()
                             parts.append(piece.text)
                             yield Delta(piece.text, "student")
                         else:
@@ -234,6 +251,7 @@ class Pipeline:
                         if info.timings.cloud_ttft_s is None:
                             info.timings.cloud_ttft_s = perf_counter() - t0
                         info.usage.teacher_tokens += frame.tokens
+                        info.timings.guidance_last_token_s = perf_counter() - t0
                         got_text = True
                         yield frame.text
                     elif isinstance(frame, DoneFrame):
@@ -251,6 +269,7 @@ class Pipeline:
             info.cloud_error = err.message
             if got_text:
                 info.partial = True
+                info.partial_reason = err.code.name
             else:
                 info.fallback = err.code.name
         finally:

@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     p_models.add_argument("names", nargs="*", help="registry names (default: teacher, student, smollm2)")
     p_models.set_defaults(func=_models)
 
-    from gkt import ask, launcher
+    from gkt import ask, launcher, observability, testbed
 
     ask.add_parser(sub)
     launcher.add_parser(sub)
+    observability.add_parser(sub)
+    testbed.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

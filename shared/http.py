@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,8 +48,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as the OpenAI envelope; internal errors never leak their text."""
+def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError], None] | None = None) -> None:
+    """Every error leaves as the OpenAI envelope; internal errors never leak their text.
+
+    ``on_invalid`` sees each request whose body failed validation (they never reach a route).
+    """
 
     @app.exception_handler(GKTError)
     async def _gkt(request: Request, exc: GKTError) -> JSONResponse:
@@ -57,7 +61,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(GKTError(ErrorCode.invalid_request, message, param=param), request)
+        err = GKTError(ErrorCode.invalid_request, message, param=param)
+        if on_invalid is not None:
+            on_invalid(request, err)
+        return error_response(err, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

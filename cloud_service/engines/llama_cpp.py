@@ -28,6 +28,11 @@ class LlamaTeacher:
         )
         return cls(engine, settings.model)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the context (for the queue gauge)."""
+        return self.engine.waiting
+
     async def open(self, request: GuidanceRequest) -> Generation:
         if request.messages is not None:
             text = self.engine.render_chat([m.model_dump() for m in request.messages])

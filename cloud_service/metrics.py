@@ -1,0 +1,86 @@
+"""The cloud's ``gkt_cloud_*`` metrics and the wrapper that records one guidance generation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from time import perf_counter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from cloud_service.engine import Generation
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationResult, Piece
+from shared.metrics import LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
+
+OK, REJECTED, REFUSED, ERROR, CANCELLED = "ok", "rejected", "refused", "error", "cancelled"
+
+
+def outcome_of(err: GKTError) -> str:
+    if err.code is ErrorCode.overloaded:
+        return REFUSED
+    return REJECTED if err.status < 500 else ERROR
+
+
+class CloudMetrics:
+    """Every series the cloud exports; label sets are fixed here."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
+        self.requests = Counter("gkt_cloud_requests_total", "Guidance requests by route and outcome.",
+                                ["route", "outcome"], registry=r)
+        self.in_flight = Gauge("gkt_cloud_requests_in_flight", "Guidance generations under way.", registry=r)
+        self.queued = Gauge("gkt_cloud_requests_queued", "Guidance requests waiting for the teacher.", registry=r)
+        self.ttft = Histogram("gkt_cloud_time_to_first_token_seconds",
+                              "Request accepted to the first guidance token.", **lat)
+        self.queue_wait = Histogram("gkt_cloud_queue_wait_seconds", "Time waiting for the teacher engine.", **lat)
+        self.prompt = Histogram("gkt_cloud_prompt_seconds", "Teacher prompt processing.", **lat)
+        self.generation = Histogram("gkt_cloud_generation_seconds", "Teacher generation of the guidance.", **lat)
+        self.duration = Histogram("gkt_cloud_request_duration_seconds", "Whole guidance request.", **lat)
+        self.tps = Histogram("gkt_cloud_guidance_tokens_per_second", "Teacher generation speed per request.",
+                             buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("gkt_cloud_prompt_tokens_total", "Teacher prompt tokens.", registry=r)
+        self.guidance_tokens = Counter("gkt_cloud_guidance_tokens_total", "Guidance tokens written.", registry=r)
+
+    def bind_queue(self, waiting: Callable[[], float]) -> None:
+        self.queued.set_function(waiting)
+
+    def rejected(self, route: str, err: GKTError) -> None:
+        self.requests.labels(route, outcome_of(err)).inc()
+
+    async def observe(self, generation: Generation, route: str) -> AsyncIterator[Piece | GenerationResult]:
+        """Pass a generation through, recording it once it ends (or why it did not)."""
+        t0 = perf_counter()
+        first = False
+        outcome = CANCELLED
+        self.in_flight.inc()
+        try:
+            async with aclosing(generation) as it:  # type: ignore[type-var]
+                async for item in it:
+                    if isinstance(item, Piece) and not first:
+                        first = True
+                        self.ttft.observe(perf_counter() - t0)
+                    if isinstance(item, GenerationResult):
+                        outcome = OK
+                        self._result(item)
+                        self.duration.observe(perf_counter() - t0)
+                    yield item
+        except GKTError as err:
+            outcome = outcome_of(err)
+            raise
+        except Exception:
+            outcome = ERROR
+            raise
+        finally:
+            self.in_flight.dec()
+            self.requests.labels(route, outcome).inc()
+
+    def _result(self, r: GenerationResult) -> None:
+        self.queue_wait.observe(r.queue_s)
+        self.prompt.observe(r.prompt_s)
+        self.generation.observe(r.generation_s)
+        self.prompt_tokens.inc(r.prompt_tokens)
+        self.guidance_tokens.inc(r.completion_tokens)
+        if r.completion_tokens > 1 and r.generation_s > 0:
+            self.tps.observe((r.completion_tokens - 1) / r.generation_s)

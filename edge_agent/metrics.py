@@ -1,0 +1,114 @@
+"""The edge's ``gkt_edge_*`` metrics and the wrapper that records one answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from time import perf_counter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from edge_agent.pipeline import Delta, Summary
+from shared.errors import ErrorCode, GKTError
+from shared.metrics import LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
+
+# outcome label values
+OK, FALLBACK, PARTIAL, REJECTED, REFUSED, ERROR, CANCELLED = (
+    "ok", "fallback", "partial", "rejected", "refused", "error", "cancelled")
+
+
+def outcome_of(err: GKTError) -> str:
+    if err.code is ErrorCode.overloaded:
+        return REFUSED
+    return REJECTED if err.status < 500 else ERROR
+
+
+class EdgeMetrics:
+    """Every series the edge exports; label sets are fixed here."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
+        self.requests = Counter("gkt_edge_requests_total", "Answers by route, mode and outcome.",
+                                ["route", "mode", "outcome"], registry=r)
+        self.in_flight = Gauge("gkt_edge_requests_in_flight", "Answers being produced.", registry=r)
+        self.queued = Gauge("gkt_edge_requests_queued", "Answers waiting for the student's context.", registry=r)
+        self.ttft = Histogram("gkt_edge_time_to_first_token_seconds",
+                              "Request start to the first answer token (teacher or student).", ["mode"], **lat)
+        self.guidance_first = Histogram("gkt_edge_guidance_first_token_seconds",
+                                        "Guidance request sent to its first token, seen by the edge.", **lat)
+        self.guidance_last = Histogram("gkt_edge_guidance_last_token_seconds",
+                                       "Guidance request sent to its last token, seen by the edge.", **lat)
+        self.handoff_gap = Histogram("gkt_edge_handoff_gap_seconds",
+                                     "Last guidance token to the student's first token.", **lat)
+        self.student_prompt = Histogram("gkt_edge_student_prompt_seconds", "Student prompt processing.", **lat)
+        self.student_generation = Histogram("gkt_edge_student_generation_seconds", "Student generation.", **lat)
+        self.student_tps = Histogram("gkt_edge_student_tokens_per_second", "Student generation speed.",
+                                     buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.duration = Histogram("gkt_edge_request_duration_seconds", "End-to-end answer latency.", ["mode"], **lat)
+        self.teacher_tokens = Counter("gkt_edge_teacher_tokens_total",
+                                      "Guidance tokens written by the teacher (teacher tokenizer).", registry=r)
+        self.student_tokens = Counter("gkt_edge_student_tokens_total",
+                                      "Answer tokens written by the student (student tokenizer).", registry=r)
+        self.fallbacks = Counter("gkt_edge_fallbacks_total",
+                                 "Answers finished without full guidance: kind=fallback (none arrived) or "
+                                 "partial (the stream broke); reason is the error code.",
+                                 ["kind", "reason"], registry=r)
+
+    def bind_queue(self, waiting: callable) -> None:  # type: ignore[valid-type]
+        self.queued.set_function(waiting)
+
+    def rejected(self, route: str, mode: str, err: GKTError) -> None:
+        self.requests.labels(route, mode, outcome_of(err)).inc()
+
+    async def observe(self, events: AsyncIterator[Delta | Summary], route: str, mode: str
+                      ) -> AsyncIterator[Delta | Summary]:
+        """Pass events through, recording the answer once it ends (or why it did not)."""
+        t0 = perf_counter()
+        first = False
+        outcome = CANCELLED
+        self.in_flight.inc()
+        try:
+            async with aclosing(events) as it:
+                async for ev in it:
+                    if isinstance(ev, Delta) and not first:
+                        first = True
+                        self.ttft.labels(mode).observe(perf_counter() - t0)
+                    if isinstance(ev, Summary):
+                        outcome = self._summary(ev, mode)
+                        self.duration.labels(mode).observe(perf_counter() - t0)
+                    yield ev
+        except GKTError as err:
+            outcome = outcome_of(err)
+            raise
+        except Exception:
+            outcome = ERROR
+            raise
+        finally:
+            self.in_flight.dec()
+            self.requests.labels(route, mode, outcome).inc()
+
+    def _summary(self, s: Summary, mode: str) -> str:
+        info, t = s.info, s.info.timings
+        self.teacher_tokens.inc(info.usage.teacher_tokens)
+        self.student_tokens.inc(info.usage.student_tokens)
+        if t.cloud_ttft_s is not None:
+            self.guidance_first.observe(t.cloud_ttft_s)
+        if t.guidance_last_token_s is not None:
+            self.guidance_last.observe(t.guidance_last_token_s)
+        if t.handoff_gap_s is not None:
+            self.handoff_gap.observe(t.handoff_gap_s)
+        if t.student_prompt_s is not None:
+            self.student_prompt.observe(t.student_prompt_s)
+        if t.student_generation_s is not None:
+            self.student_generation.observe(t.student_generation_s)
+            if info.usage.student_tokens > 1 and t.student_generation_s > 0:
+                # the first token's time is in prompt processing; the rest are generation steps
+                self.student_tps.observe((info.usage.student_tokens - 1) / t.student_generation_s)
+        if info.fallback:
+            self.fallbacks.labels("fallback", info.fallback).inc()
+            return FALLBACK
+        if info.partial:
+            self.fallbacks.labels("partial", info.partial_reason or "unknown").inc()
+            return PARTIAL
+        return OK
