@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
+from cloud_service.deadline import bounded
 from cloud_service.engine import Generation, TeacherEngine
 from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
@@ -49,13 +51,17 @@ class GuidanceService:
 
     async def open(self, request: GuidanceRequest, route: str = "guidance") -> Generation:
         """Validate and start; errors here become an HTTP status (nothing has been sent yet)."""
+        budget = self.settings.request_timeout_s
+        if request.timeout_ms is not None:
+            budget = min(budget, request.timeout_ms / 1000)
+        deadline = time.monotonic() + budget
         try:
             self._check(request)
             generation = await self.engine.open(request)
         except GKTError as err:
             self.metrics.rejected(route, err)
             raise
-        return self.metrics.observe(generation, route)
+        return self.metrics.observe(bounded(generation, deadline), route)
 
     def _done(self, seq: int, result: GenerationResult) -> DoneFrame:
         return DoneFrame(

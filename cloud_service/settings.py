@@ -35,6 +35,9 @@ class CloudSettings(BaseSettings):
     upstream_connect_timeout_s: float = Field(5.0, gt=0, le=300, description="openai: connect timeout.")
     upstream_read_timeout_s: float = Field(120.0, gt=0, le=3600, description="openai: per-read timeout.")
     max_guidance_tokens: int = Field(2048, ge=1, le=32768, description="Upper bound on k per request.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="Longest a guidance request may run (a caller's timeout_ms can shorten it)."
+    )
     heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
     batch_concurrency: int = Field(8, ge=1, le=256, description="Batch items generated at the same time.")
     log_level: str = Field("info", description="Python log level.")

@@ -13,6 +13,7 @@ from edge_agent.api import ROUTE_LABELS, router
 from edge_agent.cloud import CloudClient
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
+from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from shared.errors import GKTError
 from shared.http import RequestIdMiddleware, install_error_handlers
@@ -44,7 +45,13 @@ def create_app(
         )
         client = http or cloud_http_client(settings)
         metrics.bind_queue(lambda: engine.waiting)
-        app.state.pipeline = Pipeline(engine, CloudClient(client), settings)
+        cloud = CloudClient(
+            client,
+            policy=RetryPolicy(settings.cloud_retries + 1, settings.cloud_retry_base_s, settings.cloud_retry_cap_s),
+            breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
+            read_timeout_s=settings.cloud_read_timeout_s,
+        )
+        app.state.pipeline = Pipeline(engine, cloud, settings)
         try:
             yield
         finally:

@@ -1,12 +1,15 @@
-"""The edge's client for the cloud's guidance stream."""
+"""The edge's client for the cloud's guidance stream: the one retry layer, the breaker, the deadline."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 
+from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from shared.errors import ErrorCode, GKTError, IncompleteStreamError, code_from_name
 from shared.protocol import (
     PROTOCOL_HEADER,
@@ -20,25 +23,74 @@ from shared.protocol import (
     parse_frame,
 )
 
-Frame = TokenFrame | HeartbeatFrame | DoneFrame | ErrorFrame
+Frame = TokenFrame | HeartbeatFrame | DoneFrame
 
 
 class CloudClient:
     """Opens guidance streams on the cloud; the httpx client is owned by the edge app's lifespan."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        policy: RetryPolicy | None = None,
+        breaker: CircuitBreaker | None = None,
+        read_timeout_s: float = 30.0,
+    ) -> None:
         self._client = client
+        self.policy = policy or RetryPolicy()
+        self.breaker = breaker or CircuitBreaker()
+        self.read_timeout_s = read_timeout_s
 
-    async def guidance(self, request: GuidanceRequest) -> AsyncIterator[Frame]:
-        """Frames of one guidance stream, ending with its terminal frame.
+    async def guidance(self, request: GuidanceRequest, deadline: float) -> AsyncIterator[Frame]:
+        """Frames of one guidance stream up to its ``done`` frame (``deadline`` is ``time.monotonic()``).
 
-        Raises ``GKTError`` when the cloud refuses or cannot be reached (before any frame), when the
-        stream breaks, stalls past the read timeout, or ends without a terminal frame.
+        Raises ``GKTError`` when the breaker is open, when the cloud refuses or cannot be reached (after the
+        retries the deadline allows), when it sends an error frame, or when the stream breaks, stalls past
+        the read timeout or the deadline, or ends without a terminal frame.
         """
-        body = request.model_dump(exclude_none=True)
+        if not self.breaker.allow():
+            raise GKTError(ErrorCode.circuit_open, "the cloud has been failing; answering without guidance")
+        retry = 0
+        while True:
+            started = False
+            try:
+                async for frame in self._attempt(request, deadline):
+                    started = True
+                    yield frame
+                self.breaker.success()
+                return
+            except GKTError as err:
+                if err.code.retryable:
+                    self.breaker.failure()
+                else:
+                    self.breaker.success()  # the cloud answered; the request was the problem
+                if started or not err.code.retryable or self.breaker.state != "closed":
+                    raise
+                if err.retry_after is not None and err.retry_after > self.policy.cap_s:
+                    raise  # the cloud asks for a longer pause than an interactive answer should wait
+                wait = self.policy.delay(retry, err.retry_after)
+                retry += 1
+                if retry >= self.policy.attempts or time.monotonic() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
+            except GeneratorExit:
+                if started:  # the consumer stopped reading a healthy stream
+                    self.breaker.success()
+                raise
+
+    async def _attempt(self, request: GuidanceRequest, deadline: float) -> AsyncIterator[Frame]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GKTError(ErrorCode.timeout, "no time left for guidance")
+        body = request.model_copy(update={"timeout_ms": max(1, int(remaining * 1000))}).model_dump(exclude_none=True)
         headers = {PROTOCOL_HEADER: PROTOCOL_VERSION, "Accept": "text/event-stream"}
+        base = self._client.timeout
+        timeout = httpx.Timeout(connect=min(base.connect or remaining, remaining),
+                                read=min(self.read_timeout_s, remaining), write=base.write, pool=base.pool)
         try:
-            async with self._client.stream("POST", "/v1/guidance", json=body, headers=headers) as resp:
+            async with self._client.stream("POST", "/v1/guidance", json=body, headers=headers,
+                                           timeout=timeout) as resp:
                 if resp.status_code != 200:
                     raise _refusal(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
                 decoder = SSEDecoder()
@@ -49,9 +101,13 @@ class CloudClient:
                         if frame.seq != expected:
                             raise GKTError(ErrorCode.protocol_error, "guidance frames out of sequence")
                         expected += 1
+                        if isinstance(frame, ErrorFrame):
+                            raise GKTError(code_from_name(frame.error.code), f"cloud: {frame.error.message}")
                         yield frame
-                        if isinstance(frame, DoneFrame | ErrorFrame):
+                        if isinstance(frame, DoneFrame):
                             return
+                    if time.monotonic() > deadline:
+                        raise GKTError(ErrorCode.timeout, "the guidance deadline passed")
                 raise IncompleteStreamError()
         except httpx.TimeoutException as exc:
             raise GKTError(ErrorCode.timeout, "the cloud did not answer in time") from exc
@@ -64,7 +120,8 @@ def _refusal(status: int, raw: bytes, retry_after: str | None) -> GKTError:
         info = json.loads(raw)["error"]
         code, message = code_from_name(info.get("code")), str(info.get("message", ""))[:500]
     except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = ErrorCode.upstream_error, f"the cloud answered HTTP {status}"
+        code, message = (ErrorCode.upstream_error if status >= 500 else ErrorCode.upstream_rejected,
+                         f"the cloud answered HTTP {status}")
     wait = None
     if retry_after:
         try:

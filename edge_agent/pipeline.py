@@ -9,6 +9,7 @@ from what arrived (``partial``). Either way the answer is not lost.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -21,10 +22,10 @@ from edge_agent.cloud import CloudClient
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
-from shared.errors import ErrorCode, GKTError, code_from_name
+from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, context_error
 from shared.llama import LlamaEngine
-from shared.protocol import ChatMessage, DoneFrame, ErrorFrame, GuidanceRequest, Timings, TokenFrame
+from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
 
 Source = Literal["teacher", "student"]
@@ -245,7 +246,8 @@ class Pipeline:
         t0 = perf_counter()
         got_text = False
         try:
-            async with aclosing(self.cloud.guidance(request)) as frames:
+            deadline = time.monotonic() + self.settings.guidance_timeout_s
+            async with aclosing(self.cloud.guidance(request, deadline)) as frames:
                 async for frame in frames:
                     if isinstance(frame, TokenFrame):
                         if info.timings.cloud_ttft_s is None:
@@ -260,8 +262,6 @@ class Pipeline:
                         info.usage.teacher_tokens = frame.usage.completion_tokens
                         info.timings.teacher = frame.timings
                         yield frame
-                    elif isinstance(frame, ErrorFrame):
-                        raise GKTError(code_from_name(frame.error.code), f"cloud: {frame.error.message}")
         except GKTError as err:
             if plan.mode == "teacher":
                 raise

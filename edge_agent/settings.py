@@ -27,6 +27,14 @@ class EdgeSettings(BaseSettings):
     cloud_read_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest silence on a guidance stream (heartbeats count as traffic)."
     )
+    guidance_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="Overall deadline for the guidance phase; the cloud is told the rest."
+    )
+    cloud_retries: int = Field(2, ge=0, le=10, description="Retries before the first frame (retryable errors).")
+    cloud_retry_base_s: float = Field(0.2, gt=0, le=60, description="First retry backoff (doubles, jittered).")
+    cloud_retry_cap_s: float = Field(2.0, gt=0, le=300, description="Longest retry backoff.")
+    breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive cloud failures that open the breaker.")
+    breaker_cooldown_s: float = Field(10.0, gt=0, le=3600, description="Open breaker: wait before one probe.")
     default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
     default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")

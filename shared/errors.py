@@ -35,6 +35,8 @@ class ErrorCode(Enum):
     upstream_error = ("upstream_error", 502, "server_error", True)
     upstream_rejected = ("upstream_rejected", 400, "invalid_request_error", False)
     timeout = ("timeout", 504, "server_error", True)
+    circuit_open = ("circuit_open", 503, "server_error", True)
+    draining = ("draining", 503, "server_error", True)
     protocol_error = ("protocol_error", 502, "server_error", True)
     engine_error = ("engine_error", 500, "server_error", True)
     internal_error = ("internal_error", 500, "server_error", False)

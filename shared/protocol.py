@@ -87,6 +87,9 @@ class GuidanceRequest(SamplingParams):
     prompt: str | None = Field(None, description="Raw prompt, continued as is.")
     max_tokens: int = Field(40, ge=1, le=8192, description="k: how many teacher tokens to write.")
     stream: bool = Field(True, description="Server-sent events when true, one JSON result when false.")
+    timeout_ms: int | None = Field(
+        None, ge=1, le=3_600_000, description="The caller's remaining budget; the cloud stops at it (T4)."
+    )
 
     @field_validator("prompt")
     @classmethod
