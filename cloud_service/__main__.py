@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from cloud_service.app import create_app
 from cloud_service.settings import CloudSettings
+from shared.serve import serve
 
 
 def main() -> None:
     settings = CloudSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-    )
+    serve(create_app(settings), settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the teacher is loaded."""
-    if getattr(request.app.state, "service", None) is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+    """Readiness with reasons: loading, draining, engine stalled, engine dead."""
+    lifecycle = request.app.state.lifecycle
+    ok, reasons = lifecycle.readiness()
+    if not ok:
+        return JSONResponse({"status": lifecycle.phase, "reasons": reasons}, status_code=503)
     return JSONResponse({"status": "ready", "model": request.app.state.service.engine.model_name})

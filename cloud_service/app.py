@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,8 @@ from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
 from cloud_service.settings import CloudSettings
 from shared.errors import GKTError
-from shared.http import RequestIdMiddleware, install_error_handlers
+from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
+from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 
 
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
@@ -25,10 +27,17 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
         teacher = engine or await build_engine(settings)
         if hasattr(teacher, "waiting"):
             metrics.bind_queue(lambda: teacher.waiting)  # type: ignore[attr-defined]
-        app.state.service = GuidanceService(teacher, settings, metrics)
+        if hasattr(teacher, "stalled"):
+            lifecycle.checks.append(
+                lambda: "engine stalled" if teacher.stalled(settings.stall_timeout_s) else None  # type: ignore[attr-defined]
+            )
+        app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
+        lifecycle.ready()
+        guard = asyncio.create_task(watchdog(lifecycle, lambda: getattr(teacher, "dead", None)))
         try:
             yield
         finally:
+            guard.cancel()
             app.state.service = None
             if engine is None:  # we own what we built
                 await teacher.aclose()
@@ -37,12 +46,15 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
     app.state.settings = settings
     app.state.service = None
     app.state.metrics = metrics = CloudMetrics()
+    app.state.lifecycle = lifecycle = Lifecycle()
 
     def on_invalid(request: Request, err: GKTError) -> None:
         # Bodies that fail validation never reach a route; count them so every request shows.
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, err)
 
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)

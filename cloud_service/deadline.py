@@ -7,6 +7,8 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+import anyio
+
 from cloud_service.engine import Generation
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
@@ -36,9 +38,10 @@ async def bounded(generation: Generation, deadline: float) -> AsyncIterator[Piec
                 return
             yield item
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        with contextlib.suppress(Exception):
-            await generation.aclose()  # type: ignore[attr-defined]
+        with anyio.CancelScope(shield=True):  # see GuidanceService.sse: the cleanup must run to its end
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            with contextlib.suppress(Exception):
+                await generation.aclose()  # type: ignore[attr-defined]

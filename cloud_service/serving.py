@@ -8,12 +8,15 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import anyio
+
 from cloud_service.deadline import bounded
 from cloud_service.engine import Generation, TeacherEngine
 from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
+from shared.lifecycle import Lifecycle
 from shared.protocol import (
     BatchGuidanceRequest,
     BatchGuidanceResponse,
@@ -36,10 +39,17 @@ log = logging.getLogger("gkt.cloud")
 class GuidanceService:
     """Validates requests against the teacher, then streams or collects its first k tokens."""
 
-    def __init__(self, engine: TeacherEngine, settings: CloudSettings, metrics: CloudMetrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: TeacherEngine,
+        settings: CloudSettings,
+        metrics: CloudMetrics | None = None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics or CloudMetrics()
+        self.lifecycle = lifecycle or Lifecycle()
 
     def _check(self, request: GuidanceRequest) -> None:
         if request.max_tokens > self.settings.max_guidance_tokens:
@@ -77,11 +87,19 @@ class GuidanceService:
         seq = 0
         it = aiter(generation)
         pending: asyncio.Task | None = None
+        drained = asyncio.ensure_future(self.lifecycle.drain_deadline.wait())
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(it))
-                done, _ = await asyncio.wait({pending}, timeout=self.settings.heartbeat_s)
+                done, _ = await asyncio.wait(
+                    {pending, drained}, timeout=self.settings.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if drained in done:
+                    # G2: the drain deadline passed; end with a terminal frame rather than silence.
+                    err = GKTError(ErrorCode.draining, "the cloud is shutting down; the guidance was cut short")
+                    yield encode_frame(ErrorFrame.from_error(seq, err))
+                    return
                 if not done:
                     # Waiting on the same task keeps the generation untouched while we tell the client
                     # the stream is alive.
@@ -106,12 +124,16 @@ class GuidanceService:
             err = GKTError(ErrorCode.internal_error, "internal error while generating guidance")
             yield encode_frame(ErrorFrame.from_error(seq, err))
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            with contextlib.suppress(Exception):
-                await generation.aclose()  # type: ignore[attr-defined]
+            drained.cancel()
+            # Shielded: after a client disconnect Starlette cancels this task's scope at every await, and
+            # the engine (or the upstream HTTP stream) must really be stopped, not abandoned halfway.
+            with anyio.CancelScope(shield=True):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(BaseException):
+                        await pending
+                with contextlib.suppress(Exception):
+                    await generation.aclose()  # type: ignore[attr-defined]
 
     async def collect(self, generation: Generation) -> GuidanceResult:
         """The whole guidance as one result."""

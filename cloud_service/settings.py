@@ -38,6 +38,11 @@ class CloudSettings(BaseSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, le=3600, description="Longest a guidance request may run (a caller's timeout_ms can shorten it)."
     )
+    drain_timeout_s: float = Field(20.0, gt=0, le=3600, description="SIGTERM: how long running work may finish.")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, le=86400, description="A busy engine with no token for this long makes readiness fail."
+    )
     heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
     batch_concurrency: int = Field(8, ge=1, le=256, description="Batch items generated at the same time.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
     log_level: str = Field("info", description="Python log level.")

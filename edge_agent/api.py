@@ -31,7 +31,8 @@ ROUTE_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"
 
 
 async def _answer(
-    pipeline: Pipeline, metrics: EdgeMetrics, body: ChatCompletionRequest | CompletionRequest, kind: Kind
+    request: Request, pipeline: Pipeline, metrics: EdgeMetrics, body: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
 ) -> Any:
     route = "chat" if kind == "chat" else "completions"
     mode = body.mode or pipeline.settings.default_mode
@@ -50,22 +51,24 @@ async def _answer(
     first = await anext(events)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        stream(env, first, events, include_usage),
+        stream(env, first, events, include_usage, request.app.state.lifecycle.drain_deadline),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, pipeline: PipelineDep, metrics: MetricsDep
+) -> Any:
     """OpenAI chat completions; ``mode``, ``guidance_tokens`` and ``task`` are gkt extensions."""
-    return await _answer(pipeline, metrics, body, "chat")
+    return await _answer(request, pipeline, metrics, body, "chat")
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
+async def completions(request: Request, body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
     """OpenAI text completions of a raw prompt; same extensions as chat."""
-    return await _answer(pipeline, metrics, body, "completion")
+    return await _answer(request, pipeline, metrics, body, "completion")
 
 
 @router.get("/v1/models")
@@ -88,7 +91,11 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the student is loaded (never depends on the cloud)."""
-    if getattr(request.app.state, "pipeline", None) is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "model": request.app.state.pipeline.student.name})
+    """Readiness with reasons (loading, draining, engine stalled, engine dead); never depends on the cloud."""
+    lifecycle = request.app.state.lifecycle
+    ok, reasons = lifecycle.readiness()
+    if not ok:
+        return JSONResponse({"status": lifecycle.phase, "reasons": reasons}, status_code=503)
+    pipeline = request.app.state.pipeline
+    return JSONResponse({"status": "ready", "model": pipeline.student.name,
+                         "cloud_breaker": pipeline.cloud.breaker.state})

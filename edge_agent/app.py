@@ -16,7 +16,8 @@ from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from shared.errors import GKTError
-from shared.http import RequestIdMiddleware, install_error_handlers
+from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
+from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 from shared.llama import LlamaEngine
 from shared.models import resolve
 
@@ -52,9 +53,13 @@ def create_app(
             read_timeout_s=settings.cloud_read_timeout_s,
         )
         app.state.pipeline = Pipeline(engine, cloud, settings)
+        lifecycle.checks.append(lambda: "engine stalled" if engine.stalled(settings.stall_timeout_s) else None)
+        lifecycle.ready()
+        guard = asyncio.create_task(watchdog(lifecycle, lambda: engine.dead))
         try:
             yield
         finally:
+            guard.cancel()
             app.state.pipeline = None
             if http is None:
                 await client.aclose()
@@ -65,12 +70,15 @@ def create_app(
     app.state.settings = settings
     app.state.pipeline = None
     app.state.metrics = metrics = EdgeMetrics()
+    app.state.lifecycle = lifecycle = Lifecycle()
 
     def on_invalid(request: Request, err: GKTError) -> None:
         # Bodies that fail validation never reach a route; count them here so every answer request shows.
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, "unknown", err)
 
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)

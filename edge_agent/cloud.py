@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import httpx
 
@@ -55,9 +56,12 @@ class CloudClient:
         while True:
             started = False
             try:
-                async for frame in self._attempt(request, deadline):
-                    started = True
-                    yield frame
+                # aclosing: if our consumer stops early, the HTTP stream to the cloud closes now (which
+                # cancels the teacher's work there), not whenever the generator is garbage-collected.
+                async with aclosing(self._attempt(request, deadline)) as frames:
+                    async for frame in frames:
+                        started = True
+                        yield frame
                 self.breaker.success()
                 return
             except GKTError as err:

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from edge_agent.cloud import CloudClient
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, Piece, context_error
+from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import LlamaEngine
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
@@ -112,6 +112,7 @@ class Plan:
     seed: int | None
     stop: list[str] = field(default_factory=list)
     task: Task | None = None
+    guidance: GuidanceRequest | None = None  # what the cloud will be asked (gkt and teacher modes)
 
 
 class Pipeline:
@@ -147,24 +148,30 @@ class Pipeline:
         prefix = self.student.render_chat([m.model_dump() for m in messages]) if messages else (raw or "")
         tokens = self.student.tokenize(prefix, special=special)
         requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        room = self.student.n_ctx - len(tokens)
-        if requested is None:
-            max_tokens = min(self.settings.default_max_tokens, room)
-            if max_tokens < 1 and mode != "teacher":
-                raise context_error(self.student.n_ctx, len(tokens), 1, param)
-            max_tokens = max(max_tokens, 1)
-        else:
-            max_tokens = requested
-            if mode != "teacher":
-                self.student.check_fits(len(tokens), max_tokens, param)
+        # Without an explicit max_tokens the answer gets the default, clamped to the room left (at least 1).
+        max_tokens = requested or max(1, min(self.settings.default_max_tokens, self.student.n_ctx - len(tokens)))
+        if mode != "teacher":
+            self.student.check_fits(len(tokens), max_tokens, param)
         if mode != "teacher" and self.student.busy and self.student.waiting >= self.student.max_waiting:
             raise GKTError(ErrorCode.overloaded, "the student is busy; try again shortly", retry_after=1.0)
         k = max_tokens if mode == "teacher" else min(req.guidance_tokens or self.settings.default_guidance_tokens,
                                                       max_tokens)
+        guidance = None
+        if mode != "student":
+            try:
+                guidance = GuidanceRequest(
+                    messages=messages, prompt=raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
+                    seed=req.seed, stop=stop, stream=True,
+                )
+            except ValidationError as exc:  # e.g. a teacher-mode answer longer than the wire protocol allows
+                first = exc.errors()[0]
+                field_name = "max_tokens" if first["loc"][:1] == ("max_tokens",) else param
+                raise GKTError(ErrorCode.invalid_request, f"{field_name}: {first['msg']} (guidance request)",
+                               param=field_name) from exc
         return Plan(
             mode=mode, messages=messages, raw_prompt=raw, student_prefix=prefix, student_tokens=tokens,
             special=special, max_tokens=max_tokens, k=k, temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed, stop=stop, task=task,
+            seed=req.seed, stop=stop, task=task, guidance=guidance,
         )
 
     # --- running ---------------------------------------------------------------------------------------
@@ -239,10 +246,8 @@ class Pipeline:
 
     async def _guidance(self, plan: Plan, info: GKTInfo) -> AsyncIterator[str | DoneFrame]:
         """Guidance text as it arrives, then the done frame; cloud trouble ends it early (gkt) or raises."""
-        request = GuidanceRequest(
-            messages=plan.messages, prompt=plan.raw_prompt, max_tokens=plan.k, temperature=plan.temperature,
-            top_p=plan.top_p, seed=plan.seed, stop=plan.stop, stream=True,
-        )
+        assert plan.guidance is not None  # planned for every mode that asks the cloud
+        request = plan.guidance
         t0 = perf_counter()
         got_text = False
         try:

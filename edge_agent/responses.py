@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -9,6 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import anyio
 
 from edge_agent.pipeline import Delta, Summary
 from shared.errors import ErrorCode, GKTError
@@ -85,26 +89,49 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 
 async def stream(
-    env: Envelope, first: Delta | Summary, events: AsyncIterator[Delta | Summary], include_usage: bool
+    env: Envelope,
+    first: Delta | Summary,
+    events: AsyncIterator[Delta | Summary],
+    include_usage: bool,
+    drain_deadline: asyncio.Event | None = None,
 ) -> AsyncIterator[bytes]:
     """OpenAI SSE: content chunks marked with their source, a final chunk with the gkt summary, [DONE].
 
-    Errors after the first byte travel as an OpenAI error event (the ``openai`` client raises on it).
+    Errors after the first byte travel as an OpenAI error event (the ``openai`` client raises on it); so
+    does the end of a drain (G2), instead of a silent cut.
     """
     is_first = True
+    drained = asyncio.ensure_future((drain_deadline or asyncio.Event()).wait())
+    step: asyncio.Future | None = None
     try:
         async with aclosing(events) as it:
-            ev: Delta | Summary | None = first
-            while ev is not None:
-                if isinstance(ev, Delta):
-                    yield _sse(env.chunk(ev, first=is_first))
-                    is_first = False
-                else:
-                    yield _sse(env.final_chunk(ev))
-                    if include_usage:
-                        yield _sse(env.usage_chunk(ev))
-                    break
-                ev = await anext(it, None)
+            try:
+                ev: Delta | Summary | None = first
+                while ev is not None:
+                    if isinstance(ev, Delta):
+                        yield _sse(env.chunk(ev, first=is_first))
+                        is_first = False
+                    else:
+                        yield _sse(env.final_chunk(ev))
+                        if include_usage:
+                            yield _sse(env.usage_chunk(ev))
+                        break
+                    step = asyncio.ensure_future(anext(it, None))
+                    done, _ = await asyncio.wait({step, drained}, return_when=asyncio.FIRST_COMPLETED)
+                    if step not in done:
+                        raise GKTError(ErrorCode.draining, "the edge is shutting down; the answer was cut short")
+                    ev, step = step.result(), None
+            finally:
+                if step is not None and not step.done():
+                    # The client left (or the drain ended): stop the answer's work, which closes the cloud
+                    # stream. Shielded: Starlette cancels this task's scope again at every await, and the
+                    # cleanup must run to its end (and before aclosing closes the events) or the HTTP
+                    # stream to the cloud is left open with the teacher still generating.
+                    step.cancel()
+                    with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                        await step
     except GKTError as err:
         yield _sse(err.body())
+    finally:
+        drained.cancel()
     yield b"data: [DONE]\n\n"

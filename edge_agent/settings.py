@@ -35,7 +35,12 @@ class EdgeSettings(BaseSettings):
     cloud_retry_cap_s: float = Field(2.0, gt=0, le=300, description="Longest retry backoff.")
     breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive cloud failures that open the breaker.")
     breaker_cooldown_s: float = Field(10.0, gt=0, le=3600, description="Open breaker: wait before one probe.")
+    drain_timeout_s: float = Field(20.0, gt=0, le=3600, description="SIGTERM: how long running answers may finish.")
+    stall_timeout_s: float = Field(
+        300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."
+    )
     default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
     default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
     log_level: str = Field("info", description="Python log level.")

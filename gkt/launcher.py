@@ -66,6 +66,12 @@ class Service:
     def _log_hint(self) -> str:
         return f" (log: {self.log_path})" if self.log_path else ""
 
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None

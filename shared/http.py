@@ -102,3 +102,49 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive`` when a body grows past the limit (an HTTPException, so FastAPI passes it on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than {limit} bytes")
+
+
+class BodyLimitMiddleware:
+    """V1: refuse bodies over ``max_bytes`` with 413: at once from Content-Length, or while a chunked body
+    streams in, without ever holding more than the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                resp = JSONResponse(error_body(ErrorCode.invalid_request, "invalid Content-Length"), status_code=400)
+                await resp(scope, receive, send)
+                return
+            if too_big:
+                err = BodyTooLarge(self.max_bytes)
+                resp = JSONResponse(error_body(ErrorCode.payload_too_large, str(err.detail)), status_code=413)
+                await resp(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)

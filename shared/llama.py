@@ -12,6 +12,7 @@ import asyncio
 import codecs
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,6 +57,9 @@ class LlamaEngine:
         self._vocab = self._llm._model.vocab
         self._bos = self._llm.token_bos()
         self._formatter = self._make_formatter()
+        self.last_progress = time.monotonic()
+        self.consecutive_failures = 0
+        self.max_failures = 3
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -96,6 +100,10 @@ class LlamaEngine:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)) if text else 0
 
     def check_fits(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
+        """The prompt is not empty and prompt + ``max_tokens`` fits the context (V4)."""
+        if prompt_tokens == 0:
+            raise GKTError(ErrorCode.invalid_request, f"{param} is empty (this model has no start token to "
+                           "continue from)", param=param)
         if prompt_tokens + max_tokens > self.n_ctx:
             raise context_error(self.n_ctx, prompt_tokens, max_tokens, param)
 
@@ -109,12 +117,22 @@ class LlamaEngine:
     def waiting(self) -> int:
         return self._waiting
 
+    def stalled(self, threshold_s: float) -> bool:
+        """Busy, and no token for ``threshold_s`` (a hung decode looks exactly like this)."""
+        return self.busy and time.monotonic() - self.last_progress > threshold_s
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine is unusable, after ``max_failures`` failed generations in a row."""
+        if self.consecutive_failures >= self.max_failures:
+            return f"engine dead: {self.consecutive_failures} generations failed in a row"
+        return None
+
     async def stream(
         self, tokens: list[int], params: GenerationParams
     ) -> AsyncIterator[Piece | GenerationResult]:
         """Yield pieces of text as they are decoded, then one ``GenerationResult``."""
-        if len(tokens) + params.max_tokens > self.n_ctx:
-            raise context_error(self.n_ctx, len(tokens), params.max_tokens, "prompt")
+        self.check_fits(len(tokens), params.max_tokens, "prompt")
         if self._lock.locked() and self._waiting >= self.max_waiting:
             raise GKTError(ErrorCode.overloaded, "the model is busy; try again shortly", retry_after=1.0)
         loop = asyncio.get_running_loop()
@@ -158,9 +176,12 @@ class LlamaEngine:
         cancel: threading.Event,
         emit: Callable[[Piece | GenerationResult | BaseException], None],
     ) -> None:
+        self.last_progress = time.monotonic()
         try:
             emit(self._generate(tokens, params, cancel, emit))
+            self.consecutive_failures = 0
         except BaseException as exc:  # reported to the awaiting coroutine, never lost in the thread
+            self.consecutive_failures += 1
             emit(exc)
 
     def _generate(
@@ -185,6 +206,7 @@ class LlamaEngine:
         )
         try:
             for tok in gen:
+                self.last_progress = time.monotonic()
                 if t_first is None:
                     t_first = perf_counter()
                 if cancel.is_set():

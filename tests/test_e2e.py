@@ -254,3 +254,10 @@ def test_services_keep_serving_after_bad_input(edge: Service, cloud: Service) ->
     assert httpx.get(cloud.url + "/ready").status_code == 200
     r = post(edge, "/v1/completions", {"prompt": "One, two,", "max_tokens": 3, "guidance_tokens": 2})
     assert r.status_code == 200 and json.loads(r.text)["choices"][0]["text"]
+
+
+def test_teacher_mode_longer_than_the_wire_allows_is_a_400(edge: Service) -> None:
+    """Found by fuzzing: a teacher-mode answer beyond the guidance protocol's k limit is the caller's error."""
+    r = post(edge, "/v1/completions", {"prompt": "Hi", "mode": "teacher", "max_tokens": 13221})
+    err = envelope(r)
+    assert r.status_code == 400 and err["param"] == "max_tokens"

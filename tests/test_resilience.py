@@ -159,7 +159,8 @@ async def test_breaker_opens_on_a_dead_cloud_and_probes_later() -> None:
 
 @pytest.fixture(scope="module")
 def smol_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048"}
+    env = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
+           "GKT_CLOUD_HEARTBEAT_S": "0.2"}
     svc = cloud_service(free_port(), env, log_path=tmp_path_factory.mktemp("res") / "cloud.log").start()
     try:
         yield svc.wait_ready()
@@ -194,3 +195,30 @@ async def test_edge_deadline_ends_guidance_and_tells_the_cloud(smol_cloud: Servi
     assert exc.value.code is ErrorCode.timeout and tokens > 0
     assert time.monotonic() - t0 < 4
     await http.aclose()
+
+
+def test_heartbeats_while_queued(smol_cloud: Service) -> None:
+    """F4: a request queued behind another sees heartbeat frames, then its own tokens, then one done."""
+    import threading
+
+    def long() -> None:
+        httpx.post(smol_cloud.url + "/v1/guidance", json={"prompt": "Once upon a time", "max_tokens": 400},
+                   timeout=120)
+
+    t = threading.Thread(target=long)
+    t.start()
+    time.sleep(0.3)
+    with httpx.stream("POST", smol_cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 3},
+                      timeout=120) as r:
+        kinds = [line.split('"type":"')[1].split('"')[0] for line in r.iter_lines() if line.startswith("data: ")]
+    t.join(120)
+    assert kinds[0] == "heartbeat" and kinds[-1] == "done" and "token" in kinds
+    assert kinds.index("token") > 0 and kinds.count("done") == 1
+
+
+def test_edge_idle_timeout_is_longer_than_the_cloud_heartbeat() -> None:
+    """F4: with the defaults, a live but idle stream never trips the edge's read timeout."""
+    from cloud_service.settings import CloudSettings
+    from edge_agent.settings import EdgeSettings
+
+    assert EdgeSettings().cloud_read_timeout_s > 2 * CloudSettings().heartbeat_s

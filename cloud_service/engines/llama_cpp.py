@@ -33,6 +33,13 @@ class LlamaTeacher:
         """Requests waiting for the context (for the queue gauge)."""
         return self.engine.waiting
 
+    def stalled(self, threshold_s: float) -> bool:
+        return self.engine.stalled(threshold_s)
+
+    @property
+    def dead(self) -> str | None:
+        return self.engine.dead
+
     async def open(self, request: GuidanceRequest) -> Generation:
         if request.messages is not None:
             text = self.engine.render_chat([m.model_dump() for m in request.messages])

@@ -1,0 +1,55 @@
+"""Run an app under uvicorn with gkt's lifecycle: SIGTERM drains, a fatal engine error exits non-zero."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from shared.lifecycle import Lifecycle, drain
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before stopping; a second one stops at once."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_timeout_s = drain_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining: asyncio.Future | None = None
+        lifecycle.on_fatal = self._stop_soon
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is None or self._draining is not None or self.lifecycle.phase == "dead":
+            super().handle_exit(sig, frame)
+            return
+        self.lifecycle.begin_drain()
+        self._draining = asyncio.run_coroutine_threadsafe(self._drain_then_exit(sig), self._loop)  # type: ignore[assignment]
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        await drain(self.lifecycle, self.drain_timeout_s)
+        self.should_exit = True
+
+    def _stop_soon(self) -> None:
+        self.should_exit = True
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str, drain_timeout_s: float) -> None:
+    """Serve until signalled; exit with the lifecycle's code (1 after a fatal engine failure)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=max(1, round(drain_timeout_s / 4)))
+    server = DrainingServer(config, app.state.lifecycle, drain_timeout_s)
+    server.run()
+    code = app.state.lifecycle.exit_code
+    if not server.started and code == 0:
+        code = 3  # the app failed to start (e.g. the model could not be loaded)
+    sys.exit(code)
+
