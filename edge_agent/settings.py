@@ -43,4 +43,7 @@ class EdgeSettings(BaseSettings):
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
     default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
+    fast_path: bool = Field(
+        True, description="Prefill the student's prompt and the arriving guidance while the guidance streams."
+    )
     log_level: str = Field("info", description="Python log level.")

@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     p_models.set_defaults(func=_models)
 
     from gkt import ask, launcher, observability, testbed
+    from gkt.bench import cli as bench
 
     ask.add_parser(sub)
+    bench.add_parser(sub)
     launcher.add_parser(sub)
     observability.add_parser(sub)
     testbed.add_parser(sub)

@@ -4,6 +4,16 @@ A llama.cpp context is not thread-safe, so each ``LlamaEngine`` owns one context
 a time in its own worker thread. Callers wait on an asyncio lock; the lock is released when the worker has
 really returned (not when the awaiting coroutine is cancelled), so a cancelled request can never let a
 second generation into a context that is still decoding. Cancellation is checked at every token.
+
+``prefill`` (the edge's fast path) evaluates tokens into the KV cache ahead of a generation, e.g. the
+student's prompt while the guidance is still streaming. It is opportunistic and always yields: it starts
+only when the context is idle and nobody waits, evaluates in small chunks, and a ``stream`` that arrives
+stops it at the next chunk boundary. The context holds one warm sequence, so one owner at a time may
+prefill (others are refused until it calls ``release_warm``); a refused prefill costs nothing but speed.
+
+Few-shot prefixes stay warm: a prefix of at least ``HOT_PREFIX_MIN`` tokens shared with one of the last few
+prompts is remembered, and when a generation ends with the context idle, that prefix is prefilled again at
+the lowest priority if another prompt evicted it (any prefill or generation that arrives stops it).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import codecs
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +32,21 @@ from typing import Any
 
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, context_error
+
+# Tokens per prefill decode: small enough that a generation which arrives waits at most one chunk
+# (about 0.1-0.3 s for the 0.5B student on one thread), large enough to keep prompt processing batched.
+PREFILL_CHUNK = 32
+# Canonical batches. llama.cpp's CPU kernels for repacked K-quants (Q4_K_M, our default models) compute a
+# batch's rows in groups of 4 and the remaining rows (and batches under 8 rows) on another code path, so a
+# token's KV entries differ in the last bits depending on how the prompt was split, and greedy decoding
+# then diverges now and then (seen on the 0.5B student and the 1.5B teacher). Measured here: in batches
+# whose size is a multiple of 4 and at least 8, each row's result is bit-identical wherever the batch
+# starts. Prompt chunks are padded to such a size; single-token decoding is left to generated tokens.
+CANON_MULTIPLE = 4
+CANON_MIN = 8
+# A shared prompt prefix this long is worth keeping warm (a few-shot block, a long system prompt).
+HOT_PREFIX_MIN = 64
+_IDLE = object()  # owner of the idle-time re-warming prefill: lowest priority
 
 
 class LlamaEngine:
@@ -54,6 +80,15 @@ class LlamaEngine:
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.name}")
+        self._prefill_stop: threading.Event | None = None  # set while a prefill holds the lock
+        self._warm_owner: object | None = None
+        self._canon = 0  # leading cached positions computed in canonical chunks (the only ones reused)
+        # Prompt chunk: a multiple of 4, so a full chunk needs no padding, within the batch and the ubatch.
+        self._chunk = max(CANON_MIN, min(self._llm.n_batch, 512) // CANON_MULTIPLE * CANON_MULTIPLE)
+        self._prefill_owner: object | None = None
+        self._recent: deque[list[int]] = deque(maxlen=4)
+        self.hot_prefix: list[int] = []
+        self._rewarm: asyncio.Task[int | None] | None = None
         self._vocab = self._llm._model.vocab
         self._bos = self._llm.token_bos()
         self._formatter = self._make_formatter()
@@ -137,6 +172,8 @@ class LlamaEngine:
             raise GKTError(ErrorCode.overloaded, "the model is busy; try again shortly", retry_after=1.0)
         loop = asyncio.get_running_loop()
         t_enqueued = perf_counter()
+        if self._prefill_stop is not None:
+            self._prefill_stop.set()  # a generation never waits behind more than one prefill chunk
         self._waiting += 1
         try:
             await self._lock.acquire()
@@ -154,8 +191,14 @@ class LlamaEngine:
         except BaseException:
             self._lock.release()
             raise
-        # Release only when the worker has returned, whatever happens to this coroutine.
-        future.add_done_callback(lambda _: self._lock.release())
+        self._note_prompt(tokens)
+
+        def done(_: object) -> None:
+            # Release only when the worker has returned, whatever happens to this coroutine.
+            self._lock.release()
+            loop.call_soon(self._rewarm_hot_prefix)
+
+        future.add_done_callback(done)
         try:
             while True:
                 item = await queue.get()
@@ -168,6 +211,116 @@ class LlamaEngine:
                 yield item
         finally:
             cancel.set()
+
+    async def prefill(self, tokens: list[int], owner: object) -> int | None:
+        """Evaluate ``tokens`` into the KV cache so that a later ``stream`` of a sequence starting with them
+        decodes only the rest. Returns how many of ``tokens`` are cached now, or None when refused (the
+        context is busy, someone waits for it, or another owner holds the warm sequence)."""
+        return await self._prefill_as(tokens, owner)
+
+    async def _prefill_as(self, tokens: list[int], owner: object) -> int | None:
+        if self._waiting or len(tokens) >= self.n_ctx or self._warm_owner not in (None, owner):
+            return None
+        if self._lock.locked():
+            if self._prefill_owner is not _IDLE or owner is _IDLE or self._prefill_stop is None:
+                return None  # a generation or a request's prefill has the context: never wait for it
+            self._prefill_stop.set()  # a request's prefill outranks re-warming; wait one chunk for it
+        await self._lock.acquire()
+        if self._waiting or self._warm_owner not in (None, owner):  # a generation arrived meanwhile
+            self._lock.release()
+            return None
+        if owner is not _IDLE:
+            self._warm_owner = owner
+        self._prefill_owner = owner
+        stop = self._prefill_stop = threading.Event()
+
+        def done(_: object) -> None:
+            self._prefill_stop = self._prefill_owner = None
+            self._lock.release()
+
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, self._prefill, tokens, stop)
+        except BaseException:
+            done(None)
+            raise
+        future.add_done_callback(done)
+        try:
+            # shield: cancelling this coroutine must not cancel the future (its callback releases the lock)
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    def _note_prompt(self, tokens: list[int]) -> None:
+        shared = max((_common_prefix(p, tokens) for p in self._recent), default=0)
+        if shared >= HOT_PREFIX_MIN:
+            self.hot_prefix = tokens[:shared]
+        self._recent.append(tokens)
+
+    def _rewarm_hot_prefix(self) -> None:
+        if not self.hot_prefix or self._lock.locked() or self._waiting or self._warm_owner is not None:
+            return
+        if self._rewarm is None or self._rewarm.done():
+            self._rewarm = asyncio.ensure_future(self._prefill_as(self.hot_prefix, _IDLE))
+            # Re-warming is best effort: a failure here surfaces in the next generation, not as a stray task.
+            self._rewarm.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def release_warm(self, owner: object) -> None:
+        """``owner`` no longer needs its prefilled sequence; others may prefill."""
+        if self._warm_owner is owner:
+            self._warm_owner = None
+
+    def _prefill(self, tokens: list[int], stop: threading.Event) -> int:
+        return self._eval(tokens, stop, final=False)
+
+    def _eval(self, tokens: list[int], stop: threading.Event, *, final: bool) -> int:
+        """Bring the KV cache to ``tokens``; ``final``: with the last token's logits fresh, ready to sample.
+        Returns how many of ``tokens`` are cached (fewer when ``stop`` was set).
+
+        Every prompt position is computed in a canonical batch (``_decode_canonical``) and only such positions
+        are reused, so the KV cache and the logits are a function of the tokens alone, whatever was cached,
+        prefilled or interrupted before: greedy output is the same with or without prefix reuse and the
+        fast path."""
+        llm = self._llm
+        reuse = min(_common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon)
+        if final:
+            reuse = min(reuse, len(tokens) - 1)
+        elif reuse >= len(tokens):
+            return len(tokens)
+        llm.n_tokens = self._canon = reuse
+        limit = self._chunk if final else min(PREFILL_CHUNK, self._chunk)
+        for a in range(reuse, len(tokens), limit):
+            if stop.is_set():
+                break
+            if self._decode_canonical(tokens[a : a + limit], a):
+                self._canon = llm.n_tokens
+        return llm.n_tokens
+
+    def _decode_canonical(self, chunk: list[int], n_past: int) -> bool:
+        """Decode ``chunk`` at ``n_past`` in a batch of a canonical size: padded with filler tokens at later
+        positions (causal attention hides them from the real rows) whose KV cells are dropped afterwards.
+        Returns whether the batch was canonical."""
+        llm = self._llm
+        n = len(chunk)
+        size = max(CANON_MIN, -(-n // CANON_MULTIPLE) * CANON_MULTIPLE)
+        if n_past + size > self.n_ctx:
+            size = n  # no room for the padding at the very end of the context: correct, if not canonical
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        b = llm._batch.batch
+        b.n_tokens = size
+        for i in range(size):
+            b.token[i] = chunk[min(i, n - 1)]
+            b.pos[i] = n_past + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = i == n - 1
+        llm._ctx.decode(llm._batch)
+        llm._ctx.kv_cache_seq_rm(-1, n_past + n, -1)
+        llm.input_ids[n_past : n_past + n] = chunk
+        llm.n_tokens = n_past + n
+        llm._requires_eval = False
+        return size % CANON_MULTIPLE == 0 and size >= CANON_MIN
 
     def _run(
         self,
@@ -193,13 +346,17 @@ class LlamaEngine:
     ) -> GenerationResult:
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
-        cached = _common_prefix(llm._input_ids[: llm.n_tokens], tokens)
+        t0 = perf_counter()
+        cached = min(_common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon, len(tokens) - 1)
+        if self._eval(tokens, cancel, final=True) < len(tokens):  # cancelled while processing the prompt
+            return GenerationResult(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0,
+                                    prompt_s=perf_counter() - t0, cached_prompt_tokens=cached)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
         finish: str = "length"
         n = pending = 0
-        t0 = perf_counter()
         t_first: float | None = None
+        # The prompt is fully evaluated with its last logits current, so ``generate`` samples at once.
         gen = llm.generate(
             tokens, top_k=0, top_p=params.top_p, min_p=0.0, typical_p=1.0,
             temp=params.temperature, repeat_penalty=1.0,

@@ -1,0 +1,373 @@
+"""The measurements. Each compares two things measured in the same run, on the same machine, interleaved where
+it matters, because this machine is shared and absolute speeds drift (docs/BENCHMARKS.md).
+
+Services run as real processes: the cloud pinned to one core and the edges to another (``taskset``), each
+model on one thread. Direct references (llama-cpp-python, raw ``llama_batch`` decoding) run in this process,
+pinned to the core of the service they are compared with, while that service is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import statistics
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gkt.bench import direct
+from gkt.bench.client import Stream, cloud_guidance, edge_stream, openai_completion
+from gkt.bench.report import Line, median, ratio
+from gkt.launcher import Service, cloud_service, edge_service, free_port
+from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
+from shared.tasks import GSM8K
+
+# GSM8K-style questions written for the bench (not from the dataset): short, distinct, all arithmetic.
+QUESTIONS = [
+    "A baker makes 24 rolls and sells 3 bags of 6 rolls. How many rolls are left?",
+    "Tom reads 12 pages a day for 5 days, then 20 pages on the sixth day. How many pages did he read?",
+    "A farmer has 7 cows and buys twice as many goats. How many animals does he have now?",
+    "Mia saves $15 a week. How many weeks does she need to save $90 for a bike?",
+    "A train travels 60 miles per hour for 3 hours and then 40 miles per hour for 2 hours. How far did it go?",
+    "There are 32 students in a class and a quarter of them wear glasses. How many do not wear glasses?",
+    "Sam buys 4 notebooks at $3 each and a pen for $2. He pays with a $20 bill. How much change does he get?",
+    "A garden has 5 rows of 8 tulips. Rabbits eat 9 tulips. How many tulips are left?",
+]
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``quick`` shrinks everything for a smoke run (tests); the defaults are the real bench."""
+
+    teacher: str = DEFAULT_TEACHER
+    student: str = DEFAULT_STUDENT
+    threads: int = 1
+    n_ctx: int = 2048
+    decode_tokens: int = 64  # overhead benches: tokens per answer
+    rounds: int = 3  # overhead benches: interleaved rounds (median)
+    guidance_tokens: int = 32  # batching bench: k per request
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    ks: tuple[int, ...] = (10, 20, 40)
+    users: tuple[int, ...] = (1, 4)
+    work_k: int = 40
+    answer_tokens: int = 160  # max_tokens of whole answers (work, latency, handoff)
+    questions: int = 2  # per measurement of whole answers
+    vllm_url: str | None = None
+    vllm_model: str | None = None
+    pin: bool = True
+    log_dir: Path = field(default_factory=lambda: Path(".bench-logs"))
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchConfig:
+        small = dict(teacher="smollm2-135m-instruct", student="smollm2-135m-instruct", decode_tokens=8, rounds=1,
+                     guidance_tokens=4, concurrency=(1, 2), ks=(4,), users=(1, 2), work_k=4, answer_tokens=12,
+                     questions=1)
+        return cls(**{**small, **kw})
+
+
+@contextmanager
+def pinned(core: int | None) -> Iterator[None]:
+    """Run this thread on one core (llama.cpp with one thread computes on the calling thread)."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+class Bench:
+    """Starts the services, runs every measurement, stops everything it started."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        cores = sorted(os.sched_getaffinity(0))
+        can_pin = cfg.pin and len(cores) >= 2 and shutil.which("taskset") is not None
+        self.cloud_core, self.edge_core = (cores[0], cores[1]) if can_pin else (None, None)
+        self.services: list[Service] = []
+        self.lines: list[Line] = []
+        self.extra: dict[str, Any] = {}
+        self.http = httpx.AsyncClient()
+
+    # --- services ------------------------------------------------------------------------------------------
+
+    def _pin(self, svc: Service, core: int | None) -> Service:
+        if core is not None:
+            svc.argv = ["taskset", "-c", str(core), *svc.argv]
+        return svc
+
+    def start(self) -> None:
+        cfg = self.cfg
+        logs = cfg.log_dir
+        t = str(cfg.threads)
+        cenv = {"GKT_CLOUD_MODEL": cfg.teacher, "GKT_CLOUD_N_CTX": str(cfg.n_ctx), "GKT_CLOUD_N_THREADS": t,
+                "GKT_CLOUD_MAX_WAITING": "64", "GKT_CLOUD_LOG_LEVEL": "warning"}
+        self.cloud = self._pin(cloud_service(free_port(), cenv, log_path=logs / "cloud.log"), self.cloud_core)
+        eenv = {"GKT_EDGE_MODEL": cfg.student, "GKT_EDGE_N_CTX": str(cfg.n_ctx), "GKT_EDGE_N_THREADS": t,
+                "GKT_EDGE_MAX_WAITING": "64", "GKT_EDGE_LOG_LEVEL": "warning"}
+        self.cloud.start()
+        self.services.append(self.cloud)
+        self.edge = self._pin(edge_service(free_port(), self.cloud.url, eenv, log_path=logs / "edge.log"),
+                              self.edge_core)
+        self.edge_slow = self._pin(edge_service(free_port(), self.cloud.url, {**eenv, "GKT_EDGE_FAST_PATH": "false"},
+                                                log_path=logs / "edge_slow.log"), self.edge_core)
+        for svc in (self.edge, self.edge_slow):
+            svc.start()
+            self.services.append(svc)
+        for svc in self.services:
+            svc.wait_ready()
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            svc.stop()
+
+    # --- helpers -------------------------------------------------------------------------------------------
+
+    def prompt(self, i: int) -> str:
+        return GSM8K.build_prompt(QUESTIONS[i % len(QUESTIONS)])
+
+    def task_body(self, i: int, **kw: Any) -> dict[str, Any]:
+        return {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "task": "gsm8k",
+                "temperature": 0, "max_tokens": self.cfg.answer_tokens, **kw}
+
+    async def concurrent(self, n: int, make: Callable[[int], Awaitable[Stream]]) -> list[Stream]:
+        return list(await asyncio.gather(*(make(i) for i in range(n))))
+
+    def add(self, line: Line) -> None:
+        self.lines.append(line)
+        print(f"  {line.name}: {line.value if line.value is None else round(line.value, 4)} {line.unit} "
+              f"({line.status})", flush=True)
+
+    # --- measurements --------------------------------------------------------------------------------------
+
+    async def prefix_reuse(self) -> None:
+        """First requests to fresh services: the first few-shot prompt is cold, the next ones share it."""
+        n = max(2, self.cfg.questions + 1)
+        edge_s, cloud_s = [], []
+        for i in range(n):
+            body = {**self.task_body(i), "mode": "student", "max_tokens": 1}
+            s = await edge_stream(self.http, self.edge.url, body)
+            edge_s.append(s.final["timings"]["student_prompt_s"])
+            c = await cloud_guidance(self.http, self.cloud.url,
+                                     {"prompt": self.prompt(i), "max_tokens": 1, "temperature": 0})
+            cloud_s.append(c.final["timings"]["prompt_s"])
+        for side, vals in (("edge student", edge_s), ("cloud teacher", cloud_s)):
+            warm = median(vals[1:])
+            self.add(Line(f"prefix reuse ({side})", ratio(warm, vals[0]), 0.15, "<=",
+                          measured={"cold_prompt_s": vals[0], "warm_prompt_s_median": warm, "requests": n}))
+
+    async def overhead(self, side: str, llm: Any, core: int | None, url: str) -> tuple[float | None, int]:
+        """Decode tokens/s through the service vs the same model called directly, interleaved rounds."""
+        cfg = self.cfg
+        text = self.prompt(0)
+        tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
+
+        async def via_http() -> Stream:
+            if side == "edge":
+                body = {"prompt": text, "mode": "student", "max_tokens": cfg.decode_tokens, "temperature": 0}
+                return await edge_stream(self.http, url, body)
+            return await cloud_guidance(self.http, url, {"prompt": text, "max_tokens": cfg.decode_tokens,
+                                                         "temperature": 0})
+
+        with pinned(core):
+            direct.decode_speed(llm, tokens, cfg.decode_tokens)  # warm: prompt in the cache on both sides
+        await via_http()
+        served, raw, n_tok = [], [], 0
+        for _ in range(cfg.rounds):
+            served.append((await via_http()).tok_s)
+            with pinned(core):
+                tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
+            raw.append(tps)
+        s, r = median(served), median(raw)
+        name = "edge overhead (student tok/s via HTTP / direct)" if side == "edge" else \
+            "cloud overhead (guidance tok/s via HTTP / direct)"
+        self.add(Line(name, ratio(s, r), 0.97, ">=", measured={"http_tok_s": s, "direct_tok_s": r,
+                                                                "tokens": n_tok, "rounds": cfg.rounds}))
+        return r, n_tok
+
+    async def batching(self, teacher_llm: Any) -> None:
+        cfg = self.cfg
+        k = cfg.guidance_tokens
+        prompts = [f"Q: List the even numbers from {2 * i} to {2 * i + 60}, one per line.\nA:" for i in range(64)]
+        used = itertools.count()  # distinct prompts: no request can be answered from a cache
+
+        def body() -> dict[str, Any]:
+            return {"prompt": prompts[next(used) % 64], "max_tokens": k, "temperature": 0}
+
+        def aggregate(c: int) -> Awaitable[float]:
+            return self._aggregate(c, lambda _: cloud_guidance(self.http, self.cloud.url, body()))
+
+        serial = median([await aggregate(1) for _ in range(2)])
+        raw = direct.RawBatch(teacher_llm, max_seqs=max(cfg.concurrency), n_ctx_per_seq=256, n_threads=cfg.threads)
+        try:
+            raw_by_c = {}
+            with pinned(self.cloud_core):
+                for c in cfg.concurrency:
+                    toks = [teacher_llm.tokenize(p.encode(), add_bos=True, special=False) for p in prompts[:c]]
+                    raw_by_c[c] = raw.throughput(toks, k)
+        finally:
+            raw.close()
+        for c in cfg.concurrency:
+            agg = serial if c == 1 else await aggregate(c)
+            self.add(Line(f"cloud batching llama.cpp, {c} concurrent (aggregate / raw llama_batch)",
+                          ratio(agg, raw_by_c[c]), 0.9, ">=",
+                          measured={"cloud_agg_tok_s": agg, "raw_batched_tok_s": raw_by_c[c],
+                                    "cloud_vs_one_at_a_time": ratio(agg, serial), "k": k},
+                          note="the cloud decodes one request at a time until the issue-3 scheduler merges"
+                          if c > 1 else ""))
+
+    async def batching_vllm(self) -> None:
+        """gkt's cloud in front of vLLM vs vLLM called directly, same concurrency."""
+        cfg = self.cfg
+        url = (cfg.vllm_url or "").rstrip("/")
+        env = {"GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": url, "GKT_CLOUD_LOG_LEVEL": "warning",
+               "GKT_CLOUD_MAX_WAITING": "64"}
+        if cfg.vllm_model:
+            env["GKT_CLOUD_UPSTREAM_MODEL"] = cfg.vllm_model
+        front = cloud_service(free_port(), env, log_path=cfg.log_dir / "cloud_vllm.log").start()
+        self.services.append(front)
+        front.wait_ready()
+        model = cfg.vllm_model or (await self.http.get(url + "/models")).json()["data"][0]["id"]
+        k = cfg.guidance_tokens
+        for c in cfg.concurrency:
+            prompts = [f"Q: List the odd numbers from {2 * i + 1} to {2 * i + 61}.\nA:" for i in range(c)]
+            gkt = await self._aggregate(c, lambda i, p=prompts: cloud_guidance(
+                self.http, front.url, {"prompt": p[i], "max_tokens": k, "temperature": 0}))
+            raw = await self._aggregate(c, lambda i, p=prompts: openai_completion(
+                self.http, url, {"model": model, "prompt": p[i], "max_tokens": k, "temperature": 0}))
+            self.add(Line(f"cloud batching vLLM, {c} concurrent (via gkt / direct)", ratio(gkt, raw), 0.9, ">=",
+                          measured={"gkt_agg_tok_s": gkt, "vllm_agg_tok_s": raw, "k": k}))
+
+    async def _aggregate(self, c: int, make: Callable[[int], Awaitable[Stream]]) -> float:
+        """Total tokens / wall time of ``c`` concurrent streams."""
+        streams = await self.concurrent(c, make)
+        return sum(s.tokens for s in streams) / (max(s.t_end for s in streams) - min(s.t_start for s in streams))
+
+    async def warm_task_prefix(self) -> None:
+        """One unmeasured task request, so the few-shot prefix is warm on both sides before whole answers are
+        timed (other measurements used other prompts in between)."""
+        await edge_stream(self.http, self.edge.url, self.task_body(99, mode="gkt", guidance_tokens=2, max_tokens=4))
+
+    async def work_per_answer(self) -> None:
+        cfg = self.cfg
+        gkt_s, teacher_s = [], []
+        for i in range(cfg.questions):
+            for mode, out in (("gkt", gkt_s), ("teacher", teacher_s)):
+                s = await edge_stream(self.http, self.edge.url,
+                                      self.task_body(10 + i, mode=mode, guidance_tokens=cfg.work_k))
+                t = s.final["timings"]["teacher"]
+                out.append(t["prompt_s"] + t["generation_s"])
+        g, t = statistics.mean(gkt_s), statistics.mean(teacher_s)
+        self.add(Line(f"cloud work per answer (gkt k={cfg.work_k} / teacher-only)", ratio(g, t), 0.35, "<=",
+                      measured={"gkt_teacher_s": g, "teacher_only_s": t, "answers": cfg.questions}))
+
+    async def latency(self) -> None:
+        cfg = self.cfg
+        for users in cfg.users:
+            teacher = await self._latency(users, "teacher", None)
+            for k in cfg.ks:
+                g = await self._latency(users, "gkt", k)
+                self.add(Line(f"end-to-end latency gkt k={k} / teacher-only, {users} user(s)", ratio(g, teacher),
+                              1.0, "<=", measured={"gkt_s": g, "teacher_only_s": teacher,
+                                                   "answer_tokens": cfg.answer_tokens}))
+
+    async def _latency(self, users: int, mode: str, k: int | None) -> float:
+        """Median latency of whole answers with ``users`` concurrent users (one user asks several in turn)."""
+        extra = {"mode": mode, **({"guidance_tokens": k} if k else {})}
+        lat: list[float] = []
+        for r in range(self.cfg.questions if users == 1 else 1):
+            streams = await self.concurrent(users, lambda i, r=r: edge_stream(
+                self.http, self.edge.url, self.task_body(20 + i + r * users, **extra)))
+            lat += [s.latency for s in streams]
+        return statistics.median(lat)
+
+    async def ttft(self) -> None:
+        """Within one request: the user's first token (client-side) minus the cloud's own time to first token
+        (its queue + prompt time from the done frame)."""
+        diffs, holds = [], []
+        for i in range(max(2, self.cfg.questions)):
+            s = await edge_stream(self.http, self.edge.url, self.task_body(30 + i, guidance_tokens=self.cfg.work_k))
+            t = s.final["timings"]
+            cloud_own = t["teacher"]["queue_s"] + t["teacher"]["prompt_s"]
+            diffs.append(s.ttft - cloud_own)
+            holds.append(t["ttft_s"] - t["cloud_ttft_s"])
+        d = median(diffs)
+        self.add(Line("time to first token: edge (gkt) minus cloud's own", d, 0.020, "<=", unit="s",
+                      measured={"edge_ttft_minus_cloud_ttft_s": d, "seam_holdback_s": median(holds)},
+                      note="the seam holds the first word until the teacher's next token shows where it ends"))
+
+    async def handoff(self) -> None:
+        cfg = self.cfg
+        fast, slow, cached, total = [], [], [], []
+        for i in range(max(2, cfg.questions)):
+            body = self.task_body(40 + i, guidance_tokens=cfg.work_k)
+            await edge_stream(self.http, self.edge_slow.url, body)  # same teacher cache state for both
+            for url, out in ((self.edge.url, fast), (self.edge_slow.url, slow)):
+                s = await edge_stream(self.http, url, body)
+                out.append(s.final["timings"]["handoff_gap_s"])
+                if url == self.edge.url:
+                    u = s.final["usage"]
+                    cached.append(u["student_cached_tokens"])
+                    total.append(u["student_prompt_tokens"] + u["guidance_student_tokens"])
+        f, s_ = median(fast), median(slow)
+        self.add(Line("handoff gap, fast path / without", ratio(f, s_), 0.5, "<=",
+                      measured={"fast_s": f, "without_s": s_, "uncached_tokens_at_handoff":
+                                median([t - c for t, c in zip(total, cached, strict=True)])}))
+
+    def memory(self) -> None:
+        for svc, name, target in ((self.edge, "edge", 1.0), (self.cloud, "cloud", None)):
+            hwm = peak_rss_gib(svc.proc.pid if svc.proc else None)
+            model = svc.env.get("GKT_EDGE_MODEL") or svc.env.get("GKT_CLOUD_MODEL")
+            self.add(Line(f"peak RSS of the {name} process ({model})", hwm, target, "<=", unit="GiB",
+                          measured={"vm_hwm_gib": hwm}))
+
+    # --- the run -------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        print("prefix reuse (fresh services)", flush=True)
+        await self.prefix_reuse()
+        student = direct.load(resolve(cfg.student), n_ctx=cfg.n_ctx, n_threads=cfg.threads)
+        teacher = direct.load(resolve(cfg.teacher), n_ctx=cfg.n_ctx, n_threads=cfg.threads)
+        try:
+            print("overheads", flush=True)
+            s_tps, _ = await self.overhead("edge", student, self.edge_core, self.edge.url)
+            t_tps, _ = await self.overhead("cloud", teacher, self.cloud_core, self.cloud.url)
+            self.extra["direct_decode_tok_s"] = {"student": s_tps, "teacher": t_tps}
+            print("batching", flush=True)
+            await self.batching(teacher)
+        finally:
+            student.close()
+            teacher.close()
+        if cfg.vllm_url:
+            await self.batching_vllm()
+        print("whole answers", flush=True)
+        await self.warm_task_prefix()
+        await self.work_per_answer()
+        await self.latency()
+        await self.ttft()
+        await self.handoff()
+        self.memory()
+        await self.http.aclose()
+
+
+def peak_rss_gib(pid: int | None) -> float | None:
+    """VmHWM (peak resident set) of a process, in GiB."""
+    if pid is None:
+        return None
+    try:
+        for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if row.startswith("VmHWM:"):
+                return int(row.split()[1]) * 1024 / 2**30
+    except OSError:
+        return None
+    return None

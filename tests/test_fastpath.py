@@ -1,0 +1,231 @@
+"""The fast path: prefill while the guidance streams, without changing a single answer token.
+
+Engine level (real SmolLM2): a prefill never disturbs a generation, a generation stops a prefill at a chunk
+boundary, and greedy output is the same cold, after a prefill, and after a prefill of a diverging sequence.
+End to end (real Qwen teacher and student as processes): the same answers with and without the fast path,
+with the prompt already in the student's KV cache at the handoff and the handoff gap recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gkt.launcher import Service, edge_service, free_port
+from shared.generation import GenerationParams, GenerationResult, Piece
+from shared.llama import (
+    HOT_PREFIX_MIN,
+    PREFILL_CHUNK,
+    LlamaEngine,
+)
+from shared.models import DEFAULT_STUDENT, resolve
+from shared.tasks import GSM8K
+from tests.conftest import ONE_THREAD
+
+GREEDY = GenerationParams(max_tokens=24, temperature=0.0)
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaEngine]:
+    e = LlamaEngine(resolve("smollm2-135m-instruct"), n_ctx=2048, n_threads=1, name="smollm2-135m-instruct")
+    yield e
+    e.close()
+
+
+def few_shot(question: str) -> str:
+    return GSM8K.build_prompt(question)
+
+
+async def generate(engine: LlamaEngine, tokens: list[int]) -> tuple[str, GenerationResult]:
+    text, result = "", None
+    async for item in engine.stream(tokens, GREEDY):
+        if isinstance(item, Piece):
+            text += item.text
+        else:
+            result = item
+    assert result is not None
+    await idle(engine)
+    return text, result
+
+
+async def idle(engine: LlamaEngine) -> None:
+    """The result arrives just before the worker returns and releases the context; wait for that (bounded)."""
+    for _ in range(6000):
+        if not engine.busy:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine stayed busy")
+
+
+def cold(engine: LlamaEngine) -> None:
+    """Empty the KV cache and forget warm prefixes, so the next generation starts from nothing."""
+    engine._llm.reset()
+    engine._llm._ctx.kv_cache_clear()
+    engine.hot_prefix = []
+    engine._recent.clear()
+    engine._llm.n_tokens = 0
+    engine._canon = 0
+
+
+async def test_prefill_then_generate_matches_cold_generation(engine: LlamaEngine) -> None:
+    tokens = engine.tokenize(few_shot("Tom has 3 apples and buys 5 more. How many apples does he have?"), special=False)
+    cold(engine)
+    want, _ = await generate(engine, tokens)
+    cold(engine)
+    owner = object()
+    assert await engine.prefill(tokens[:-1], owner) == len(tokens) - 1
+    engine.release_warm(owner)
+    got, result = await generate(engine, tokens)
+    assert got == want
+    assert result.cached_prompt_tokens == len(tokens) - 1  # only the last token was decoded at the handoff
+    # A prefill of a sequence that diverges near the end (as a partial guidance can) keeps the common prefix.
+    cold(engine)
+    other = engine.tokenize(few_shot("Tom has 3 apples and buys 5 more. How many pears?"), special=False)
+    assert await engine.prefill(other, owner) == len(other)
+    engine.release_warm(owner)
+    got, result = await generate(engine, tokens)
+    assert got == want
+    assert 0 < result.cached_prompt_tokens < len(tokens)
+
+
+async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -> None:
+    tokens = engine.tokenize("Q: Name three colours.\nA:", special=False)
+    cold(engine)
+    want, _ = await generate(engine, tokens)
+    cold(engine)
+    gen = engine.stream(tokens, GREEDY)
+    first = await anext(gen)  # the generation holds the context now
+    assert await engine.prefill(engine.tokenize("Something else entirely", special=False), object()) is None
+    text = first.text if isinstance(first, Piece) else ""
+    async for item in gen:
+        if isinstance(item, Piece):
+            text += item.text
+    assert text == want
+
+
+async def test_generation_stops_a_prefill_at_a_chunk_boundary(engine: LlamaEngine) -> None:
+    long = engine.tokenize(few_shot("A train travels 60 miles in 2 hours. What is its speed?"), special=False)
+    short = engine.tokenize("Q: What is 2 + 2?\nA:", special=False)
+    cold(engine)
+    want, _ = await generate(engine, short)
+    cold(engine)
+    owner = object()
+    prefill = asyncio.create_task(engine.prefill(long, owner))
+    await asyncio.sleep(0)  # the prefill has the context
+    assert engine.busy
+    got, _ = await generate(engine, short)  # must not wait for the whole prefill
+    done = await prefill
+    engine.release_warm(owner)
+    assert got == want
+    assert done is not None and done < len(long) and done % PREFILL_CHUNK == 0
+
+
+async def test_one_owner_at_a_time_and_cancel_frees_the_context(engine: LlamaEngine) -> None:
+    tokens = engine.tokenize(few_shot("Sam reads 12 pages a day. How many pages in a week?"), special=False)
+    cold(engine)
+    a, b = object(), object()
+    task = asyncio.create_task(engine.prefill(tokens, a))
+    await asyncio.sleep(0)
+    assert await engine.prefill(tokens, b) is None  # a holds the warm sequence
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The context is released only when the worker returns; then a generation runs normally.
+    text, _ = await asyncio.wait_for(generate(engine, engine.tokenize("Q: 1+1?\nA:", special=False)), 60)
+    assert text
+    assert await engine.prefill(tokens, b) is None  # still a's until released
+    engine.release_warm(a)
+    assert await engine.prefill(tokens[:40], b) == 40
+    engine.release_warm(b)
+
+
+async def test_few_shot_prefix_is_kept_warm_after_an_unrelated_prompt(engine: LlamaEngine) -> None:
+    cold(engine)
+    q1 = engine.tokenize(few_shot("Ann has 4 cats. How many legs?"), special=False)
+    q2 = engine.tokenize(few_shot("Bob has 7 dogs. How many ears?"), special=False)
+    await generate(engine, q1)
+    await generate(engine, q2)
+    shared = len(engine.hot_prefix)
+    assert shared >= HOT_PREFIX_MIN and q1[:shared] == q2[:shared]
+    await generate(engine, engine.tokenize("Write a haiku about rain.", special=False))  # evicts the prefix
+    for _ in range(600):  # re-warming runs in the background while idle; bounded wait
+        if not engine.busy and list(engine._llm._input_ids[:shared]) == engine.hot_prefix:
+            break
+        await asyncio.sleep(0.05)
+    q3 = engine.tokenize(few_shot("Cid has 2 cows. How many horns?"), special=False)
+    _, result = await generate(engine, q3)
+    assert result.cached_prompt_tokens >= shared
+
+
+async def test_greedy_output_does_not_depend_on_what_was_cached_q4_k_m() -> None:
+    """The default student (Q4_K_M) is where llama.cpp's numerics depend on the batch split: the same prompt
+    reached cold, through a cache of a diverging prompt, and through a partial prefill gives one answer."""
+    engine = LlamaEngine(resolve(DEFAULT_STUDENT), n_ctx=2048, n_threads=1, name=DEFAULT_STUDENT)
+    try:
+        base = ("Q: A farmer has 7 cows and buys twice as many goats. How many animals does he have now?\n"
+                "A: He buys 7 * 2 = 14 goats. He has 7 + 14 = 21 animals. The answer is 21.\n\n"
+                "Q: A shop sells 7 boxes of 12 pens and 5 single pens. How many pens does it sell?\nA:")
+        tokens = engine.tokenize(base + " The shop sells 7 boxes", special=False)
+        cold(engine)
+        want, _ = await generate(engine, tokens)
+        for other in (base + " First", base[:-40], base + " The shop sells 7 boxes of"):
+            cold(engine)
+            await generate(engine, engine.tokenize(other, special=False))
+            got, _ = await generate(engine, tokens)
+            assert got == want, other[-30:]
+        for cut in (1, 2, 3, 5, 13):  # partial prefills ending anywhere, as streaming guidance does
+            cold(engine)
+            owner = object()
+            await engine.prefill(tokens[:-cut], owner)
+            engine.release_warm(owner)
+            got, _ = await generate(engine, tokens)
+            assert got == want, cut
+    finally:
+        engine.close()
+
+
+# --- end to end on the default models --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edge_slow(cloud: Service, logs: Path) -> Iterator[Service]:
+    """The default student without the fast path, guided by the same cloud."""
+    env = {**ONE_THREAD, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048", "GKT_EDGE_FAST_PATH": "false"}
+    service = edge_service(free_port(), cloud.url, env, log_path=logs / "edge_slow.log").start()
+    try:
+        yield service.wait_ready()
+    finally:
+        service.stop()
+
+
+def ask(edge: Service, body: dict) -> dict:
+    r = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": "A baker makes 24 rolls and sells 3 bags of 6. How many are left?"}],
+     "task": "gsm8k", "guidance_tokens": 20, "max_tokens": 60},
+    {"messages": [{"role": "user", "content": "Explain in two sentences why the sea is salty."}],
+     "guidance_tokens": 10, "max_tokens": 40},
+], ids=["gsm8k-k20", "chat-k10"])
+def test_same_greedy_answer_with_and_without_fast_path(edge: Service, edge_slow: Service, body: dict) -> None:
+    body = {**body, "temperature": 0}
+    # Both engines compute prompts in canonical chunks, so the teacher's guidance and the student's answer
+    # do not depend on what either cache held before (llama.cpp's numerics vary with the batch split).
+    fast, slow = ask(edge, body), ask(edge_slow, body)
+    assert fast["gkt"]["guidance"] == slow["gkt"]["guidance"] and fast["gkt"]["fallback"] is None
+    assert fast["choices"][0]["message"]["content"] == slow["choices"][0]["message"]["content"]
+    for r in (fast, slow):
+        assert r["gkt"]["timings"]["handoff_gap_s"] is not None and r["gkt"]["timings"]["handoff_gap_s"] > 0
+    # With the fast path the prompt and nearly all the guidance were in the KV cache at the handoff.
+    u = fast["gkt"]["usage"]
+    total = u["student_prompt_tokens"] + u["guidance_student_tokens"]
+    assert u["student_cached_tokens"] >= u["student_prompt_tokens"] - 1
+    assert total - u["student_cached_tokens"] <= 8
