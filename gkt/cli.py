@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     p_models.set_defaults(func=_models)
 
     from gkt import ask, launcher
+    from gkt.eval import cli as eval_cli
 
     ask.add_parser(sub)
     launcher.add_parser(sub)
+    eval_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
