@@ -63,14 +63,18 @@ def test_cli_end_to_end_gsm8k(edge: Service, tmp_path: Path) -> None:
 
 
 class CountingClient(EdgeClient):
-    """The real client, counting which (question, config) pairs it asked."""
+    """The real client, counting which (question, config) pairs it asked (the warm-up apart)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.asked: list[tuple[str, str]] = []
+        self.warm_ups = 0
 
     def ask(self, question, config):  # type: ignore[no-untyped-def]
-        self.asked.append((question, config.key))
+        if question == CSQA.shots[0][0]:
+            self.warm_ups += 1
+        else:
+            self.asked.append((question, config.key))
         return super().ask(question, config)
 
 
@@ -90,7 +94,7 @@ def test_resume_after_interruption_repeats_nothing(edge: Service, tmp_path: Path
 
     with pytest.raises(KeyboardInterrupt):
         run(examples, order, first, ResultStore(path), "external", on_record=stop_after_two)
-    assert len(first.asked) == 2
+    assert len(first.asked) == 2 and first.warm_ups == 1
 
     second = CountingClient(edge.url)
     written = run(examples, order, second, ResultStore(path), "external")
@@ -101,6 +105,7 @@ def test_resume_after_interruption_repeats_nothing(edge: Service, tmp_path: Path
     assert {(c.key, e.id) for e in examples for c in order} == set(store.records)
     third = CountingClient(edge.url)
     assert run(examples, order, third, ResultStore(path), "external") == 0 and third.asked == []
+    assert third.warm_ups == 0  # nothing left to do: not even a warm-up
 
 
 def test_refuses_results_from_another_model_pair(edge: Service, tmp_path: Path) -> None:
