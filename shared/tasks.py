@@ -202,6 +202,8 @@ class Task:
     shots: tuple[tuple[str, str], ...]
     extract: Callable[[str], str | None]
     parse_line: Callable[[dict], Example]
+    answer_is: re.Pattern[str]
+    normalize: Callable[[str], str | None]
 
     def build_prompt(self, question: str) -> str:
         return _few_shot(list(self.shots), question)
@@ -210,6 +212,14 @@ class Task:
         """True for the questions used as exemplars (an evaluation must skip them)."""
         q = question.strip().split(" Answer Choices:")[0].strip().lower()
         return any(s[0].split(" Answer Choices:")[0].strip().lower() == q for s in self.shots)
+
+    def stated_answer(self, text: str) -> str | None:
+        """The answer only when the text states it ("The answer is ..."), never the fallback guess.
+
+        An evaluation uses it to tell whether the teacher's guidance already held the final answer.
+        """
+        m = self.answer_is.search(_cut_at_next_question(text))
+        return self.normalize(m.group(1)) if m else None
 
     def score(self, text: str, gold: str) -> bool:
         return self.extract(text) == gold
@@ -241,6 +251,8 @@ GSM8K = Task(
     shots=tuple(_GSM8K_SHOTS),
     extract=extract_gsm8k,
     parse_line=_gsm8k_line,
+    answer_is=_ANSWER_IS,
+    normalize=normalize_number,
 )
 
 CSQA = Task(
@@ -249,6 +261,8 @@ CSQA = Task(
     shots=tuple((format_csqa_question(q, c), a) for q, c, a in _CSQA_SHOTS),
     extract=extract_csqa,
     parse_line=_csqa_line,
+    answer_is=_CSQA_ANSWER_IS,
+    normalize=str.upper,
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (GSM8K, CSQA)}

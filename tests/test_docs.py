@@ -17,3 +17,12 @@ def test_every_setting_is_in_the_readme() -> None:
 def test_two_commands_first() -> None:
     head = README[:1500]
     assert "make run" in head and "make test" in head
+
+
+def test_every_eval_price_is_in_the_readme() -> None:
+    from dataclasses import fields
+
+    from gkt.eval.prices import ENV_PREFIX, PriceTable
+
+    for f in fields(PriceTable):
+        assert f"`{ENV_PREFIX}{f.name.upper()}`" in README, f.name

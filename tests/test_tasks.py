@@ -73,3 +73,30 @@ def test_load_real_data_and_exemplar_detection() -> None:
     assert len(csqa) == 9741 and csqa[0].gold == "A" and "Answer Choices: (A) ignore" in csqa[0].question
     assert CSQA.is_exemplar("Sammy wanted to go to where the people were. Where might he go? Answer Choices: (A) x")
     assert not GSM8K.is_exemplar(gsm[0].question)
+
+
+@pytest.mark.parametrize(
+    "text, gold, right",
+    [
+        (" 3 * $4 = $12. The answer is $12.00.", "12", True),
+        (" The answer is 1,000,000.", "1000000", True),
+        (" She pays 0.50 * 3 = 1.5 dollars. The answer is 1.50", "1.5", True),
+        (" The answer is 18 dollars per hour, not 20.", "18", True),
+        (" 60 / 4 = 15 minutes each, so 15 + 5 = 20", "20", True),        # no "The answer is": last number
+        (" 60 / 4 = 15 minutes each, so 15 + 5 = 20 minutes in 2 days", "20", False),  # ... which can mislead
+        (" The answer is 7.\n\nQ: Tom has 3. A: The answer is 3.", "3", False),  # the invented exemplar never counts
+        (" The answer is -12.", "12", False),
+    ],
+)
+def test_gsm8k_scoring_on_tricky_outputs(text: str, gold: str, right: bool) -> None:
+    assert GSM8K.score(text, gold) is right
+
+
+def test_stated_answer_needs_the_phrase() -> None:
+    # Guidance "holds the answer" only when it states it; a number mid-computation is not the answer.
+    assert GSM8K.stated_answer(" 48 / 2 = 24 clips in May. 48 + 24 = 72. The answer is 72") == "72"
+    assert GSM8K.stated_answer(" 48 / 2 = 24 clips in May. 48 + 24 = 72") is None
+    assert GSM8K.stated_answer(" The answer is $1,200.") == "1200"
+    assert CSQA.stated_answer(" Only a blotter absorbs ink. So the answer is (e)") == "E"
+    assert CSQA.stated_answer(" Of the above choices, (A) and (B) are places.") is None
+    assert CSQA.stated_answer(" x.\nQ: y? A: So the answer is (B).") is None

@@ -1,0 +1,1 @@
+"""``gkt eval``: accuracy, speed and cost of teacher-only, student-only and gkt through the live edge API."""

@@ -1,0 +1,111 @@
+"""What one evaluation run is (a config), and the resumable store of per-question results.
+
+Every answered question becomes one JSON line keyed by the config and the question id. A rerun reads the
+file first and skips what is there, so an interrupted evaluation continues where it stopped; a line torn by
+a kill mid-write is ignored (that question is simply asked again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from shared.tasks import Example, Task
+
+Mode = Literal["teacher", "student", "gkt"]
+
+
+def model_label(name_or_path: str) -> str:
+    """The name the services report for a model: the registry name, or a GGUF file's stem."""
+    return Path(name_or_path).stem if name_or_path.endswith(".gguf") else name_or_path
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One row of the tables: a task, a mode (with k in gkt mode), an answer budget and a model pair."""
+
+    task: str
+    mode: Mode
+    k: int | None
+    max_tokens: int
+    teacher: str
+    student: str
+
+    @property
+    def key(self) -> str:
+        k = f"k={self.k}" if self.mode == "gkt" else self.mode
+        return f"{self.task}|{self.mode}|{k}|max={self.max_tokens}|{self.teacher}|{self.student}"
+
+    @property
+    def label(self) -> str:
+        return f"gkt k={self.k}" if self.mode == "gkt" else f"{self.mode} only"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def configs(task: str, modes: list[Mode], ks: list[int], max_tokens: int, teacher: str, student: str
+            ) -> list[RunConfig]:
+    """Teacher, student, then gkt for each k (ascending): the order of the tables."""
+    out: list[RunConfig] = []
+    for mode in ("teacher", "student"):
+        if mode in modes:
+            out.append(RunConfig(task, mode, None, max_tokens, teacher, student))
+    if "gkt" in modes:
+        out += [RunConfig(task, "gkt", k, max_tokens, teacher, student) for k in sorted(set(ks))]
+    return out
+
+
+def sample(task: Task, path: str | Path, n: int, seed: int) -> list[Example]:
+    """n questions drawn with ``seed``, exemplars excluded.
+
+    The whole file is shuffled with the seed and the first n taken, so a smaller sample with the same seed is a
+    prefix of a larger one (rows run on different n still share their first questions).
+    """
+    pool = [e for e in task.load(path) if not task.is_exemplar(e.question)]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+class ResultStore:
+    """Append-only jsonl of per-question results, indexed by (config key, question id)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.records: dict[tuple[str, str], dict[str, Any]] = {}
+        self.torn_lines = 0
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        self.torn_lines += 1
+                        continue
+                    self.records[(rec["key"], rec["qid"])] = rec
+
+    def done(self, config: RunConfig, qid: str) -> bool:
+        return (config.key, qid) in self.records
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, ensure_ascii=False)
+        with open(self.path, "a+b") as fh:
+            # A torn line from an earlier kill has no newline: start on a fresh line so this record survives.
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(line.encode("utf-8") + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.records[(record["key"], record["qid"])] = record
+
+    def for_task(self, task: str, qids: set[str]) -> list[dict[str, Any]]:
+        return [r for r in self.records.values() if r["config"]["task"] == task and r["qid"] in qids]

@@ -1,0 +1,56 @@
+"""Results as JSON (everything) and as a Markdown table (the figures a reader compares)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gkt.eval.stats import Row
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _x(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+    head = ("| run | n | accuracy (95% CI) | guidance holds answer | wall mean / median s | speed-up | "
+            "busy speed-up | teacher share of answer tokens | cost per 1k answers | cost vs teacher | "
+            "of teacher accuracy | gap recovered |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        held = "–" if r.guidance_has_answer is None else (
+            f"{_pct(r.guidance_has_answer)} ({_pct(r.guidance_answer_correct)} right)")
+        lines.append(
+            f"| {r.label} | {r.n} | {_pct(r.accuracy)} ({_pct(r.ci_low)}–{_pct(r.ci_high)}) | {held} | "
+            f"{r.wall_mean_s:.2f} / {r.wall_median_s:.2f} | {_x(r.speedup_vs_teacher)} | "
+            f"{_x(r.busy_speedup_vs_teacher)} | {_pct(r.teacher_token_share)} | "
+            f"${1000 * r.cost_per_answer_usd:.4f} | {_x(r.cost_ratio_vs_teacher)} | "
+            f"{_pct(r.fraction_of_teacher_accuracy)} | {_pct(r.gap_recovered)} |")
+    notes = [
+        "",
+        f"Task `{meta['task']}`, teacher `{meta['teacher']}`, student `{meta['student']}`, "
+        f"max_tokens {meta['max_tokens']}, greedy; timing: {', '.join(meta['timing_modes'])}.",
+        "Speed-up, cost ratio, fraction of teacher accuracy and gap recovered are paired: each row against "
+        "teacher-only (and student-only) on the questions both answered. Busy speed-up leaves out time spent "
+        "waiting for a busy engine.",
+        f"Prices (USD per 1M tokens): {', '.join(f'{k} {v:g}' for k, v in meta['prices'].items())}.",
+    ]
+    if meta.get("note"):
+        notes.append(f"Note: {meta['note']}")
+    if any(r.fallbacks or r.partials for r in rows):
+        notes.append("Cloud trouble: " + "; ".join(f"{r.label}: {r.fallbacks} fallbacks, {r.partials} partial"
+                                                   for r in rows if r.fallbacks or r.partials) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
+def write(out_dir: Path, stem: str, rows: list[Row], meta: dict[str, Any]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    js.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
+    md.write_text(markdown(rows, meta))
+    return js, md
