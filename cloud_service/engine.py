@@ -3,18 +3,23 @@
 ``open`` validates a request (context length, upstream acceptance) and returns the generation as an async
 iterator of ``Piece`` followed by exactly one ``GenerationResult``. Errors raised by ``open`` happen before
 any byte is sent, so they become an HTTP status; errors while iterating become an error frame.
+
+``on_result`` is called exactly once per opened generation with its final result, also when the consumer
+stops early (finish reason ``cancelled``, counting what was generated) or the engine fails: the ledger
+charges streamed and abandoned work from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from cloud_service.settings import CloudSettings
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
 
 Generation = AsyncIterator[Piece | GenerationResult]
+OnResult = Callable[[GenerationResult], None]
 
 
 class TeacherEngine(Protocol):
@@ -22,7 +27,12 @@ class TeacherEngine(Protocol):
 
     model_name: str
 
-    async def open(self, request: GuidanceRequest) -> Generation: ...
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Engine counters (e.g. the batch-size histogram), for the stats endpoint."""
+        ...
+
+    async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation: ...
 
     async def aclose(self) -> None: ...
 

@@ -21,6 +21,7 @@ from edge_agent.cloud import CloudClient
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
+from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.errors import ErrorCode, GKTError, code_from_name
 from shared.generation import GenerationParams, GenerationResult, Piece, context_error
 from shared.llama import LlamaEngine
@@ -68,6 +69,8 @@ class GKTInfo(BaseModel):
     answer: str | None = None
     usage: GKTUsage = Field(default_factory=GKTUsage)
     timings: GKTTimings = Field(default_factory=GKTTimings)
+    guidance_cached: bool = False
+    cost: AnswerCost = Field(default_factory=AnswerCost)
 
 
 @dataclass
@@ -168,6 +171,7 @@ class Pipeline:
         info.usage.student_prompt_tokens = len(plan.student_tokens)
         parts: list[str] = []
         finish: Literal["stop", "length"] | None = None
+        teacher_cost: TeacherCost | None = None
 
         if plan.mode in ("gkt", "teacher"):
             info.guidance_tokens = plan.k
@@ -177,6 +181,7 @@ class Pipeline:
                 async for item in guidance:
                     if isinstance(item, DoneFrame):
                         done = item
+                        teacher_cost = item.cost
                         continue
                     out = seam.feed(item) if seam else item
                     if out:
@@ -214,6 +219,7 @@ class Pipeline:
             completion_tokens = info.usage.guidance_student_tokens + info.usage.student_tokens
 
         info.timings.total_s = perf_counter() - t0
+        info.cost = self._cost(info, teacher_cost, wrote_all=plan.mode == "teacher" or info.guidance_complete)
         if plan.task is not None:
             info.answer = plan.task.extract("".join(parts))
         prompt_tokens = info.usage.teacher_prompt_tokens if plan.mode == "teacher" else len(plan.student_tokens)
@@ -241,6 +247,7 @@ class Pipeline:
                         info.usage.teacher_prompt_tokens = frame.usage.prompt_tokens
                         info.usage.teacher_tokens = frame.usage.completion_tokens
                         info.timings.teacher = frame.timings
+                        info.guidance_cached = frame.cached
                         yield frame
                     elif isinstance(frame, ErrorFrame):
                         raise GKTError(code_from_name(frame.error.code), f"cloud: {frame.error.message}")
@@ -255,6 +262,22 @@ class Pipeline:
                 info.fallback = err.code.name
         finally:
             info.timings.guidance_s = perf_counter() - t0
+
+    def _cost(self, info: GKTInfo, teacher: TeacherCost | None, *, wrote_all: bool) -> AnswerCost:
+        """This answer's cost on both sides and had the teacher written all of it (see shared/cost.py)."""
+        u, t = info.usage, info.timings
+        rates = StudentRates(per_mtok=self.settings.price_student_per_mtok,
+                             cpu_per_hour=self.settings.price_cpu_per_hour)
+        # Core-seconds: the student's engine time times the threads it computes with.
+        cpu_s = ((t.student_prompt_s or 0.0) + (t.student_generation_s or 0.0)) * self.settings.n_threads
+        ran = u.student_tokens > 0 or t.student_generation_s is not None
+        return answer_cost(
+            student=rates,
+            student_tokens=(u.student_prompt_tokens + u.guidance_student_tokens + u.student_tokens) if ran else 0,
+            student_cpu_s=cpu_s, teacher=teacher, teacher_prompt_tokens=u.teacher_prompt_tokens,
+            guidance_teacher_tokens=u.teacher_tokens, guidance_student_tokens=u.guidance_student_tokens,
+            answer_student_tokens=u.guidance_student_tokens + u.student_tokens, teacher_wrote_all=wrote_all,
+        )
 
     @staticmethod
     def _student_done(result: GenerationResult, info: GKTInfo) -> None:
