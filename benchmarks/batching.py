@@ -4,7 +4,8 @@ Runs the cloud's real engine in process (no HTTP) and compares it with the singl
 cloud used before batching (``shared.llama.LlamaEngine``: one request at a time). Prints tokens/s and ratios;
 nothing is asserted (the machine is shared and noisy: compare ratios within one run).
 
-    .venv/bin/python benchmarks/batching.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 32] [--threads 2]
+    .venv/bin/python benchmarks/batching.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 32] [--threads 2] \\
+        [--sizes 1,2,4,8]
 """
 
 from __future__ import annotations
@@ -60,26 +61,28 @@ async def main() -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", default="1,2,4,8", help="concurrency levels, comma-separated")
     args = p.parse_args()
-    sizes = [1, 2, 4, 8]
-    print(f"model {args.model}, {args.tokens} tokens per request, {args.threads} threads")
+    sizes = [int(x) for x in args.sizes.split(",")]
+    print(f"model {args.model}, {args.tokens} tokens per request, {args.threads} threads", flush=True)
     single = LlamaEngine(resolve(args.model), n_ctx=1024, n_threads=args.threads, name=args.model)
-    seq = {n: await sequential(single, n, args.tokens) for n in sizes}
-    single.close()
     teacher = await LlamaTeacher.load(CloudSettings(model=args.model, n_ctx=1024, n_threads=args.threads,
                                                     max_in_flight=max(sizes), auth=False))
+    await sequential(single, 1, 4)  # warm both
     await batched(teacher, 1, 4, "warm")
-    bat = {n: await batched(teacher, n, args.tokens, f"r{n}-") for n in sizes}
-    stats = teacher.stats
-    await teacher.aclose()
-    base = bat[1][0] / bat[1][1]
     print(f"{'concurrent':>10} {'one-at-a-time tok/s':>20} {'batched tok/s':>14} {'batched/one-at-a-time':>22} "
-          f"{'batched vs 1':>13}")
+          f"{'batched vs 1':>13}", flush=True)
+    base = None
     for n in sizes:
-        s_rate = seq[n][0] / seq[n][1]
-        b_rate = bat[n][0] / bat[n][1]
-        print(f"{n:>10} {s_rate:>20.1f} {b_rate:>14.1f} {b_rate / s_rate:>22.2f} {b_rate / base:>13.2f}")
+        s_tok, s_sec = await sequential(single, n, args.tokens)
+        b_tok, b_sec = await batched(teacher, n, args.tokens, f"r{n}-")
+        s_rate, b_rate = s_tok / s_sec, b_tok / b_sec
+        base = base or b_rate
+        print(f"{n:>10} {s_rate:>20.1f} {b_rate:>14.1f} {b_rate / s_rate:>22.2f} {b_rate / base:>13.2f}", flush=True)
+    stats = teacher.stats
     print(f"engine: batch-size histogram {stats['batch_sizes']}, max batch {stats['max_batch']}")
+    single.close()
+    await teacher.aclose()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from cloud_service.serving import GuidanceService
 from shared.protocol import (
@@ -55,6 +56,8 @@ async def guidance(body: GuidanceRequest, service: ServiceDep, tenant: TenantDep
     return StreamingResponse(
         service.sse(generation),
         media_type="text/event-stream",
+        # Runs even when the client left before the body started: frees the slot and the engine's sequence.
+        background=BackgroundTask(generation.aclose),  # type: ignore[attr-defined]
         headers={PROTOCOL_HEADER: PROTOCOL_VERSION, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

@@ -11,7 +11,7 @@ charges streamed and abandoned work from it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from cloud_service.settings import CloudSettings
@@ -20,6 +20,35 @@ from shared.protocol import GuidanceRequest
 
 Generation = AsyncIterator[Piece | GenerationResult]
 OnResult = Callable[[GenerationResult], None]
+
+
+class Guarded:
+    """A generation whose ``cleanup`` runs exactly once when it is closed, even if it was never iterated.
+
+    An async generator that never started ignores ``aclose()`` (its ``finally`` never runs). A response whose
+    client left before the first byte never starts its body, so anything held for it (an admission slot, an
+    upstream connection) must be freed here, not in a ``finally`` inside the generator.
+    """
+
+    def __init__(self, inner: AsyncIterator[Piece | GenerationResult], cleanup: Callable[[], Awaitable[None]]) -> None:
+        self._inner = inner
+        self._cleanup = cleanup
+        self._closed = False
+
+    def __aiter__(self) -> Guarded:
+        return self
+
+    async def __anext__(self) -> Piece | GenerationResult:
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._inner.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._cleanup()
 
 
 class TeacherEngine(Protocol):

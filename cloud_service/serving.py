@@ -17,7 +17,7 @@ from typing import Any
 from cloud_service.admission import Admission
 from cloud_service.auth import RateLimiter
 from cloud_service.cache import CachedGuidance, GuidanceCache
-from cloud_service.engine import Generation, TeacherEngine
+from cloud_service.engine import Generation, Guarded, TeacherEngine
 from cloud_service.ledger import Ledger
 from cloud_service.settings import CloudSettings
 from shared.cost import TeacherRates
@@ -79,24 +79,25 @@ class GuidanceService:
         except BaseException:
             self.admission.release()
             raise
-        return self._admitted(generation, waited, key)
 
-    async def _admitted(self, generation: Generation, waited: float, key: str | None) -> Generation:
-        """The engine's generation, holding its admission slot until it ends; completed answers are cached."""
-        pieces: list[tuple[str, int]] = []
-        try:
-            async for item in generation:
-                if isinstance(item, GenerationResult):
-                    item.queue_s += waited
-                    if key is not None:
-                        self.cache.put(key, pieces, item)
-                else:
-                    pieces.append((item.text, item.tokens))
-                yield item
-        finally:
+        async def cleanup() -> None:  # exactly once, whether or not the response body ever started
             self.admission.release()
             with contextlib.suppress(Exception):
                 await generation.aclose()  # type: ignore[attr-defined]
+
+        return Guarded(self._admitted(generation, waited, key), cleanup)
+
+    async def _admitted(self, generation: Generation, waited: float, key: str | None) -> Generation:
+        """The engine's generation; completed answers are cached (the slot is released by ``Guarded``)."""
+        pieces: list[tuple[str, int]] = []
+        async for item in generation:
+            if isinstance(item, GenerationResult):
+                item.queue_s += waited
+                if key is not None:
+                    self.cache.put(key, pieces, item)
+            else:
+                pieces.append((item.text, item.tokens))
+            yield item
 
     def stats(self) -> dict[str, Any]:
         """Plain counters of every stage, for the stats endpoint (and metrics)."""

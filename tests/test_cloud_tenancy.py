@@ -21,7 +21,7 @@ from cloud_service.auth import KeyRing, key_entry, new_key
 from cloud_service.engines.llama_cpp import LlamaTeacher
 from cloud_service.settings import CloudSettings
 from edge_agent.settings import EdgeSettings
-from shared.protocol import SSEDecoder, parse_frame
+from shared.protocol import GuidanceRequest, SSEDecoder, parse_frame
 
 KEY_A, KEY_B = new_key(), new_key()
 KEYS = f"{key_entry('edge-a', KEY_A)},{key_entry('edge-b', KEY_B)}"
@@ -140,11 +140,12 @@ async def test_usage_totals_per_key(teacher: LlamaTeacher) -> None:
 
 # --- admission (B1, B2) --------------------------------------------------------------------------------
 
-LONG = {"prompt": "Write a long story about a dragon.", "max_tokens": 200, "temperature": 0.7, "stream": False}
+# Counting runs the whole budget without an end-of-turn; the cache is off so every request is engine work.
+LONG = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 200, "stream": False}
 
 
 async def test_overflow_is_refused_fast_with_retry_after(teacher: LlamaTeacher) -> None:
-    async with cloud(teacher, max_in_flight=1, max_waiting=1, queue_timeout_s=60) as client:
+    async with cloud(teacher, max_in_flight=1, max_waiting=1, queue_timeout_s=60, cache_max_entries=0) as client:
         running = asyncio.create_task(client.post("/v1/guidance", json=LONG, headers=A))
         while client.app.state.service.admission.stats.in_flight < 1:  # type: ignore[attr-defined]
             await asyncio.sleep(0.01)
@@ -161,9 +162,9 @@ async def test_overflow_is_refused_fast_with_retry_after(teacher: LlamaTeacher) 
 
 
 async def test_queue_deadline_never_reaches_the_engine(teacher: LlamaTeacher) -> None:
-    async with cloud(teacher, max_in_flight=1, max_waiting=4, queue_timeout_s=0.3) as client:
+    async with cloud(teacher, max_in_flight=1, max_waiting=4, queue_timeout_s=0.3, cache_max_entries=0) as client:
         running = asyncio.create_task(client.post("/v1/guidance", json=LONG, headers=A))
-        while client.app.state.service.admission.stats.in_flight < 1:  # type: ignore[attr-defined]
+        while teacher.stats["active"] < 1:  # admitted and running on the engine
             await asyncio.sleep(0.01)
         started = teacher.stats["started"]
         late = await client.post("/v1/guidance", json=LONG, headers=A)
@@ -232,3 +233,16 @@ async def test_cost_is_stated_and_ledgered_streamed_or_not(teacher: LlamaTeacher
         assert cost["rates"]["output_per_mtok"] == 8.0
     assert usage["cost"] == pytest.approx(whole["cost"]["amount"] + done.cost.amount)
     assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] + done.usage.completion_tokens
+
+
+async def test_slot_is_freed_when_a_response_never_starts(teacher: LlamaTeacher) -> None:
+    """A client that leaves before the first byte: the body never starts, its admission slot still returns."""
+    async with cloud(teacher, max_in_flight=1) as client:
+        service = client.app.state.service  # type: ignore[attr-defined]
+        started = teacher.stats["started"]
+        generation = await service.open(GuidanceRequest(prompt="Hello", max_tokens=4), "edge-a")
+        assert service.admission.stats.in_flight == 1
+        await generation.aclose()  # what the response's background task does after a disconnect
+        await generation.aclose()  # idempotent
+        assert service.admission.stats.in_flight == 0 and teacher.stats["started"] == started
+        assert (await client.post("/v1/guidance", json=PROMPT, headers=A)).status_code == 200

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from cloud_service.engine import Generation, OnResult
+from cloud_service.engine import Generation, Guarded, OnResult
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TrailingWhitespace
@@ -106,7 +106,8 @@ class OpenAITeacher:
             finally:
                 await resp.aclose()
             raise _status_error(resp.status_code, raw, resp.headers.get("retry-after"))
-        return self._stream(resp, t0, chat=request.messages is not None, cut=cut, on_result=on_result)
+        stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, on_result=on_result)
+        return Guarded(stream, resp.aclose)  # the connection is released even if nobody reads the stream
 
     async def _stream(
         self, resp: httpx.Response, t0: float, *, chat: bool, cut: TrailingWhitespace | None,
