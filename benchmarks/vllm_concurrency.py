@@ -69,7 +69,7 @@ async def main() -> int:
         ) as front:
             await run(direct, "/v1/completions", [{"model": "teacher", "prompt": "warm up", "max_tokens": 4}])
             for n in (1, args.concurrency):
-                body = {"max_tokens": args.tokens, "temperature": 0.7, "ignore_eos": True}
+                body = {"max_tokens": args.tokens, "temperature": 0.7}  # the same sampling both ways
                 d = await run(direct, "/v1/completions",
                               [{"model": "teacher", "prompt": q, **body} for q in prompts(n, "d")])
                 c = await run(front, "/v1/guidance",

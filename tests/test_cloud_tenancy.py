@@ -246,3 +246,18 @@ async def test_slot_is_freed_when_a_response_never_starts(teacher: LlamaTeacher)
         await generation.aclose()  # idempotent
         assert service.admission.stats.in_flight == 0 and teacher.stats["started"] == started
         assert (await client.post("/v1/guidance", json=PROMPT, headers=A)).status_code == 200
+
+
+def test_gkt_up_pairs_the_local_cloud_and_edge(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gkt.launcher import local_key_env
+
+    monkeypatch.delenv("GKT_CLOUD_API_KEYS", raising=False)
+    monkeypatch.delenv("GKT_EDGE_CLOUD_API_KEY", raising=False)
+    cloud_env, edge_env = local_key_env(tmp_path / "local.key")
+    key = edge_env["GKT_EDGE_CLOUD_API_KEY"]
+    assert KeyRing(cloud_env["GKT_CLOUD_API_KEYS"]).tenant(key) == "local-edge"
+    assert key not in cloud_env["GKT_CLOUD_API_KEYS"]  # the cloud gets the hash only
+    assert (tmp_path / "local.key").read_text().strip() == key
+    assert (tmp_path / "local.key").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("GKT_CLOUD_API_KEYS", KEYS)  # keys configured already: left alone
+    assert local_key_env(tmp_path / "other.key") == ({}, {})
