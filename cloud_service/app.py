@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from cloud_service.api import ROUTE_LABELS, router
+from cloud_service.auth import AuthMiddleware, KeyRing
 from cloud_service.engine import TeacherEngine, build_engine
 from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
@@ -21,17 +22,21 @@ from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
     """A cloud app; the lifespan loads the configured teacher unless ``engine`` is given."""
     settings = settings or CloudSettings()
+    keys = KeyRing(settings.api_keys) if settings.auth else None
+    if keys is not None and not len(keys):
+        # S6: auth on with no key would lock everyone out; say so instead of starting.
+        raise RuntimeError("GKT_CLOUD_AUTH is on but GKT_CLOUD_API_KEYS is empty: add an edge key "
+                           "(`gkt keys new NAME`) or set GKT_CLOUD_AUTH=false on a trusted network")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         teacher = engine or await build_engine(settings)
-        if hasattr(teacher, "waiting"):
-            metrics.bind_queue(lambda: teacher.waiting)  # type: ignore[attr-defined]
         if hasattr(teacher, "stalled"):
             lifecycle.checks.append(
                 lambda: "engine stalled" if teacher.stalled(settings.stall_timeout_s) else None  # type: ignore[attr-defined]
             )
-        app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
+        service = app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
+        metrics.bind_service(service)
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: getattr(teacher, "dead", None)))
         try:
@@ -53,9 +58,11 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, err)
 
-    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    # Outermost last: request id, then auth (a refused caller costs nothing more), lifecycle, body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry the request id too
     install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)
     return app

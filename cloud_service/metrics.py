@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from time import perf_counter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from cloud_service.engine import Generation
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
-from shared.metrics import LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
+from shared.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
 
 OK, REJECTED, REFUSED, ERROR, CANCELLED = "ok", "rejected", "refused", "error", "cancelled"
 
@@ -45,6 +47,11 @@ class CloudMetrics:
 
     def bind_queue(self, waiting: Callable[[], float]) -> None:
         self.queued.set_function(waiting)
+
+    def bind_service(self, service: object) -> None:
+        """Export the service's own counters (engine, admission, cache, ledger) at scrape time."""
+        self.queued.set_function(lambda: service.admission.stats.waiting)  # type: ignore[attr-defined]
+        self.registry.register(_ServiceCollector(service))
 
     def rejected(self, route: str, err: GKTError) -> None:
         self.requests.labels(route, outcome_of(err)).inc()
@@ -84,3 +91,56 @@ class CloudMetrics:
         self.guidance_tokens.inc(r.completion_tokens)
         if r.completion_tokens > 1 and r.generation_s > 0:
             self.tps.observe((r.completion_tokens - 1) / r.generation_s)
+
+
+class _ServiceCollector(Collector):
+    """Series read from the guidance service's plain counters when Prometheus scrapes, so the engine's
+    thread and the ledger never touch prometheus objects."""
+
+    def __init__(self, service: object) -> None:
+        self.service = service
+
+    def describe(self) -> list:
+        return []  # unchecked collector: the engine decides at run time which series it has
+
+    def collect(self) -> Iterator:
+        svc = self.service
+        engine = getattr(svc.engine, "stats", None) or {}  # type: ignore[attr-defined]
+        sizes = {int(k): v for k, v in (engine.get("batch_sizes") or {}).items()}
+        if sizes or "steps" in engine:
+            buckets, acc = [], 0
+            for bound in BATCH_SIZE_BUCKETS:
+                acc = sum(v for k, v in sizes.items() if k <= bound)
+                buckets.append((str(float(bound)), acc))
+            buckets.append(("+Inf", sum(sizes.values())))
+            yield HistogramMetricFamily(
+                "gkt_cloud_batch_size", "Sequences sampled together in one decode step (continuous batching).",
+                buckets=buckets, sum_value=sum(k * v for k, v in sizes.items()))
+            steps = CounterMetricFamily("gkt_cloud_decode_steps", "Batched decode steps (llama_decode calls).")
+            steps.add_metric([], engine.get("steps", 0))
+            yield steps
+            active = GaugeMetricFamily("gkt_cloud_engine_sequences", "Sequences holding an engine slot.")
+            active.add_metric([], engine.get("active", 0))
+            yield active
+        adm = svc.admission.stats  # type: ignore[attr-defined]
+        refused = CounterMetricFamily("gkt_cloud_admission_refusals", "Requests refused before the engine.",
+                                      labels=["reason"])
+        refused.add_metric(["queue_full"], adm.refused_full)
+        refused.add_metric(["queue_deadline"], adm.refused_deadline)
+        refused.add_metric(["rate_limited"], sum(svc.limiter.limited.values()))  # type: ignore[attr-defined]
+        yield refused
+        cache = svc.cache.snapshot()  # type: ignore[attr-defined]
+        lookups = CounterMetricFamily("gkt_cloud_cache_lookups", "Guidance cache lookups.", labels=["result"])
+        lookups.add_metric(["hit"], cache["hits"])
+        lookups.add_metric(["miss"], cache["misses"])
+        yield lookups
+        entries = GaugeMetricFamily("gkt_cloud_cache_bytes", "Guidance cache size.")
+        entries.add_metric([], cache["bytes"])
+        yield entries
+        totals = svc.ledger.totals()  # type: ignore[attr-defined]
+        cost = CounterMetricFamily("gkt_cloud_cost_dollars", "Teacher cost of all guidance, priced by the ledger.")
+        cost.add_metric([], totals.cost)
+        yield cost
+        engine_s = CounterMetricFamily("gkt_cloud_engine_seconds", "Teacher engine time charged by the ledger.")
+        engine_s.add_metric([], totals.engine_s)
+        yield engine_s

@@ -24,7 +24,34 @@ class CloudSettings(BaseSettings):
     n_ctx: int = Field(4096, ge=256, le=131072, description="llama_cpp: context size in tokens.")
     n_threads: int = Field(1, ge=1, le=256, description="llama_cpp: threads for prompt and generation.")
     n_batch: int = Field(512, ge=16, le=8192, description="llama_cpp: prompt batch size.")
-    max_waiting: int = Field(16, ge=0, le=4096, description="Requests that may wait for the engine.")
+    max_in_flight: int = Field(
+        8, ge=1, le=256,
+        description="Guidance sequences generated at once: llama_cpp batch slots (each with its own n_ctx KV "
+        "cache, sharing every decode step); openai: concurrent upstream requests.",
+    )
+    max_waiting: int = Field(
+        16, ge=0, le=4096, description="Requests that may wait for a free slot; more are refused at once (503)."
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="Longest wait for a slot; then 503 and the request never reaches the engine. Keep it below "
+        "the edges' read timeout.",
+    )
+    auth: bool = Field(True, description="Require an edge API key on every route except /health and /ready.")
+    api_keys: str = Field(
+        "", description="Edge keys as comma-separated `name:sha256hex` entries (hashes only; `gkt keys new NAME` "
+        "makes a key and its entry).",
+    )
+    rate_limit_per_min: float = Field(600.0, gt=0, description="Guidance requests per minute per key (refill rate).")
+    rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once before the rate applies.")
+    cache_max_entries: int = Field(1024, ge=0, description="Guidance cache entries (0 turns the cache off).")
+    cache_max_bytes: int = Field(16 * 2**20, ge=0, description="Guidance cache size bound in bytes of text.")
+    price_input_per_mtok: float = Field(0.50, ge=0, description="Teacher price per million prompt tokens.")
+    price_output_per_mtok: float = Field(1.50, ge=0, description="Teacher price per million guidance tokens.")
+    price_accelerator_per_hour: float = Field(
+        0.0, ge=0, description="Teacher price per accelerator hour of engine time (on top of token prices)."
+    )
+    currency: str = Field("USD", description="Currency of the prices.")
     upstream_url: str = Field(
         "http://127.0.0.1:8000/v1", description="openai: base URL of the upstream (e.g. `vllm serve`)."
     )

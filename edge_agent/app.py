@@ -27,7 +27,10 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
         connect=settings.cloud_connect_timeout_s, read=settings.cloud_read_timeout_s,
         write=settings.cloud_read_timeout_s, pool=settings.cloud_connect_timeout_s,
     )
-    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout)
+    headers = {}
+    if settings.cloud_api_key is not None:
+        headers["Authorization"] = f"Bearer {settings.cloud_api_key.get_secret_value()}"
+    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers)
 
 
 def create_app(

@@ -50,6 +50,14 @@ class EdgeMetrics:
                                       "Guidance tokens written by the teacher (teacher tokenizer).", registry=r)
         self.student_tokens = Counter("gkt_edge_student_tokens_total",
                                       "Answer tokens written by the student (student tokenizer).", registry=r)
+        self.cost = Counter("gkt_edge_cost_dollars_total",
+                            "Cost of the answers by side (teacher: as the cloud stated it; student: the edge's own).",
+                            ["side"], registry=r)
+        self.teacher_only_cost = Counter("gkt_edge_teacher_only_cost_dollars_total",
+                                         "What the same answers would have cost had the teacher written them all.",
+                                         registry=r)
+        for side in ("teacher", "student"):
+            self.cost.labels(side)
         self.fallbacks = Counter("gkt_edge_fallbacks_total",
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
@@ -91,6 +99,10 @@ class EdgeMetrics:
     def _summary(self, s: Summary, mode: str) -> str:
         info, t = s.info, s.info.timings
         self.teacher_tokens.inc(info.usage.teacher_tokens)
+        self.cost.labels("teacher").inc(info.cost.teacher)
+        self.cost.labels("student").inc(info.cost.student)
+        if info.cost.teacher_only is not None:
+            self.teacher_only_cost.inc(info.cost.teacher_only)
         self.student_tokens.inc(info.usage.student_tokens)
         if t.cloud_ttft_s is not None:
             self.guidance_first.observe(t.cloud_ttft_s)

@@ -23,6 +23,7 @@ from edge_agent.fastpath import Prefetcher
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
+from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import LlamaEngine
@@ -77,6 +78,8 @@ class GKTInfo(BaseModel):
     answer: str | None = None
     usage: GKTUsage = Field(default_factory=GKTUsage)
     timings: GKTTimings = Field(default_factory=GKTTimings)
+    guidance_cached: bool = False
+    cost: AnswerCost = Field(default_factory=AnswerCost)
 
 
 @dataclass
@@ -206,6 +209,8 @@ class Pipeline:
             if info.timings.ttft_s is None:
                 info.timings.ttft_s = perf_counter() - t0
 
+        teacher_cost: TeacherCost | None = None
+
         if plan.mode in ("gkt", "teacher"):
             info.guidance_tokens = plan.k
             done: DoneFrame | None = None
@@ -214,6 +219,7 @@ class Pipeline:
                 async for item in guidance:
                     if isinstance(item, DoneFrame):
                         done = item
+                        teacher_cost = item.cost
                         continue
                     t_last_guidance = perf_counter()
                     out = seam.feed(item) if seam else item
@@ -261,6 +267,7 @@ class Pipeline:
             completion_tokens = info.usage.guidance_student_tokens + info.usage.student_tokens
 
         info.timings.total_s = perf_counter() - t0
+        info.cost = self._cost(info, teacher_cost, wrote_all=plan.mode == "teacher" or info.guidance_complete)
         if plan.task is not None:
             info.answer = plan.task.extract("".join(parts))
         prompt_tokens = info.usage.teacher_prompt_tokens if plan.mode == "teacher" else len(plan.student_tokens)
@@ -288,6 +295,7 @@ class Pipeline:
                         info.usage.teacher_prompt_tokens = frame.usage.prompt_tokens
                         info.usage.teacher_tokens = frame.usage.completion_tokens
                         info.timings.teacher = frame.timings
+                        info.guidance_cached = frame.cached
                         yield frame
         except GKTError as err:
             if plan.mode == "teacher":
@@ -301,6 +309,22 @@ class Pipeline:
                 info.fallback = err.code.name
         finally:
             info.timings.guidance_s = perf_counter() - t0
+
+    def _cost(self, info: GKTInfo, teacher: TeacherCost | None, *, wrote_all: bool) -> AnswerCost:
+        """This answer's cost on both sides and had the teacher written all of it (see shared/cost.py)."""
+        u, t = info.usage, info.timings
+        rates = StudentRates(per_mtok=self.settings.price_student_per_mtok,
+                             cpu_per_hour=self.settings.price_cpu_per_hour)
+        # Core-seconds: the student's engine time times the threads it computes with.
+        cpu_s = ((t.student_prompt_s or 0.0) + (t.student_generation_s or 0.0)) * self.settings.n_threads
+        ran = u.student_tokens > 0 or t.student_generation_s is not None
+        return answer_cost(
+            student=rates,
+            student_tokens=(u.student_prompt_tokens + u.guidance_student_tokens + u.student_tokens) if ran else 0,
+            student_cpu_s=cpu_s, teacher=teacher, teacher_prompt_tokens=u.teacher_prompt_tokens,
+            guidance_teacher_tokens=u.teacher_tokens, guidance_student_tokens=u.guidance_student_tokens,
+            answer_student_tokens=u.guidance_student_tokens + u.student_tokens, teacher_wrote_all=wrote_all,
+        )
 
     @staticmethod
     def _student_done(result: GenerationResult, info: GKTInfo) -> None:

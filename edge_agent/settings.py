@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import DEFAULT_STUDENT
@@ -39,6 +39,13 @@ class EdgeSettings(BaseSettings):
     stall_timeout_s: float = Field(
         300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."
     )
+    cloud_api_key: SecretStr | None = Field(
+        None, description="This edge's key at the cloud (sent as a bearer token); `gkt up` makes one."
+    )
+    price_student_per_mtok: float = Field(
+        0.0, ge=0, description="Student price per million tokens (prompt, guidance and generated)."
+    )
+    price_cpu_per_hour: float = Field(0.01, ge=0, description="Student price per CPU-core hour of engine time.")
     default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
     default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")

@@ -32,6 +32,15 @@ def _models(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from cloud_service.auth import key_entry, new_key
+
+    key = new_key()
+    print(f"key (give to the edge as GKT_EDGE_CLOUD_API_KEY; shown once): {key}")
+    print(f"entry (add to the cloud's comma-separated GKT_CLOUD_API_KEYS): {key_entry(args.name, key)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gkt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     p_models.add_argument("action", choices=["list", "fetch", "verify"])
     p_models.add_argument("names", nargs="*", help="registry names (default: teacher, student, smollm2)")
     p_models.set_defaults(func=_models)
+
+    p_keys = sub.add_parser("keys", help="make an edge API key and the hashed entry the cloud stores")
+    p_keys.add_argument("action", choices=["new"])
+    p_keys.add_argument("name", help="the edge's tenant name (letters, digits, . _ -)")
+    p_keys.set_defaults(func=_keys)
 
     from gkt import ask, launcher, observability, testbed
     from gkt.bench import cli as bench

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+DEFAULT_KEY_FILE = Path.home() / ".cache" / "gkt" / "local-edge.key"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -101,12 +103,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the cloud and the edge locally until interrupted")
     p.add_argument("--cloud-port", type=int, default=int(os.environ.get("GKT_CLOUD_PORT", 8001)))
     p.add_argument("--edge-port", type=int, default=int(os.environ.get("GKT_EDGE_PORT", 8002)))
+    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
+                   help="where the generated key of the local edge is written (to call the cloud directly)")
     p.set_defaults(func=run)
 
 
+def local_key_env(key_file: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Cloud and edge environment that pair them with a fresh key, unless keys are configured already.
+
+    The key is written to ``key_file`` (mode 0600) so the user can call the cloud directly; only its hash
+    is given to the cloud.
+    """
+    from cloud_service.auth import key_entry, new_key
+
+    if os.environ.get("GKT_CLOUD_API_KEYS") or os.environ.get("GKT_CLOUD_AUTH", "true").lower() in ("0", "false"):
+        return {}, {}
+    key = os.environ.get("GKT_EDGE_CLOUD_API_KEY") or new_key()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return {"GKT_CLOUD_API_KEYS": key_entry("local-edge", key)}, {"GKT_EDGE_CLOUD_API_KEY": key}
+
+
 def run(args: argparse.Namespace) -> int:
-    cloud = cloud_service(args.cloud_port).start()
-    edge = edge_service(args.edge_port, cloud.url).start()
+    cloud_env, edge_env = local_key_env(args.key_file)
+    cloud = cloud_service(args.cloud_port, cloud_env).start()
+    edge = edge_service(args.edge_port, cloud.url, edge_env).start()
     services = [edge, cloud]
 
     def stop(*_: object) -> None:
@@ -118,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cloud.wait_ready()
         edge.wait_ready()
-        print(_banner(cloud.url, edge.url), flush=True)
+        print(_banner(cloud.url, edge.url, args.key_file if cloud_env else None), flush=True)
         while all(s.proc and s.proc.poll() is None for s in services):
             time.sleep(0.5)
         dead = [s.name for s in services if s.proc and s.proc.poll() is not None]
@@ -131,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             s.stop()
 
 
-def _banner(cloud: str, edge: str) -> str:
+def _banner(cloud: str, edge: str, key_file: Path | None) -> str:
+    auth = f" -H \"Authorization: Bearer $(cat {key_file})\"" if key_file else ""
     return f"""
 gkt is up: cloud (teacher) {cloud}, edge (student) {edge}. Ctrl-C stops both.
 
@@ -142,6 +166,6 @@ clips in May. How many clips did Natalia sell altogether in April and May?" --ta
     -d '{{"messages": [{{"role": "user", "content": "Why is the sky blue?"}}],
          "max_tokens": 80, "guidance_tokens": 20}}'
 
-  curl -sN {cloud}/v1/guidance -H 'Content-Type: application/json' \\
+  curl -sN {cloud}/v1/guidance -H 'Content-Type: application/json'{auth} \\
     -d '{{"prompt": "Q: What is 12 * 7?\\nA:", "max_tokens": 10}}'
 """

@@ -122,6 +122,13 @@ def dashboards() -> list[Dashboard]:
               "each answer the teacher wrote.", [(TEACHER_SHARE, "teacher share")], "percentunit"),
         Panel("Fallbacks", "Answers that got no guidance (fallback) or broken guidance (partial), by reason.",
               [(_rate("gkt_edge_fallbacks_total", "kind, reason"), "{{kind}} {{reason}}")], "reqps"),
+        Panel("Cost vs teacher-only", "Spend per second by side, and what the same answers would have cost had "
+              "the teacher written them all.",
+              [(_rate("gkt_edge_cost_dollars_total", "side"), "{{side}}"),
+               (f"sum(rate(gkt_edge_teacher_only_cost_dollars_total[{W}]))", "teacher-only")], "currencyUSD"),
+        Panel("Saved vs teacher-only", "1 - (teacher + student cost) / teacher-only cost.",
+              [(f"1 - sum(rate(gkt_edge_cost_dollars_total[{W}])) / "
+                f"sum(rate(gkt_edge_teacher_only_cost_dollars_total[{W}]))", "saved")], "percentunit"),
     ])
     cloud = Dashboard("gkt-cloud", "GKT cloud", "The teacher: queue, throughput, refusals, latency.", [
         Panel("Queue and in-flight", "Guidance requests waiting for the teacher and being generated.",
@@ -140,6 +147,16 @@ def dashboards() -> list[Dashboard]:
               _quantiles("gkt_cloud_time_to_first_token_seconds"), "s"),
         Panel("Per-request generation speed", "Teacher tokens per second within one request.",
               _quantiles("gkt_cloud_guidance_tokens_per_second"), "short"),
+        Panel("Batch size", "Sequences sampled together per decode step (continuous batching): p50, p95, mean.",
+              _quantiles("gkt_cloud_batch_size")
+              + [(f"sum(rate(gkt_cloud_batch_size_sum[{W}])) / sum(rate(gkt_cloud_batch_size_count[{W}]))",
+                  "mean")], "short"),
+        Panel("Refusals before the engine", "Queue full or past its deadline (503), rate limited (429).",
+              [(_rate("gkt_cloud_admission_refusals_total", "reason"), "{{reason}}")], "reqps"),
+        Panel("Guidance cache", "Lookups by result (deterministic requests only).",
+              [(_rate("gkt_cloud_cache_lookups_total", "result"), "{{result}}")], "reqps"),
+        Panel("Teacher cost", "Cost of guidance per second, priced by the cloud's ledger.",
+              [(f"sum(rate(gkt_cloud_cost_dollars_total[{W}]))", "teacher")], "currencyUSD"),
     ])
     edge = Dashboard("gkt-edge", "GKT edge", "The student: load, prompt processing, generation.", [
         Panel("In-flight and queued", "Answers being produced and answers waiting for the student's context.",

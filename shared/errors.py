@@ -30,6 +30,8 @@ class ErrorCode(Enum):
     not_found = ("not_found", 404, "invalid_request_error", False)
     method_not_allowed = ("method_not_allowed", 405, "invalid_request_error", False)
     payload_too_large = ("payload_too_large", 413, "invalid_request_error", False)
+    unauthorized = ("unauthorized", 401, "authentication_error", False)
+    rate_limited = ("rate_limited", 429, "rate_limit_error", True)
     overloaded = ("overloaded", 503, "server_error", True)
     upstream_unavailable = ("upstream_unavailable", 502, "server_error", True)
     upstream_error = ("upstream_error", 502, "server_error", True)

@@ -38,6 +38,9 @@ class GenerationResult:
     prompt_s: float = 0.0
     generation_s: float = 0.0
     cached_prompt_tokens: int = 0
+    # This sequence's share of the engine's busy time (a batched step's time split by tokens); what an
+    # accelerator-second price is charged on. Engines without a share report their wall time.
+    engine_s: float = 0.0
 
 
 class StopMatcher:
@@ -68,6 +71,27 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+class TrailingWhitespace:
+    """Continuing a text that ends in whitespace: the whitespace is cut from the prompt and from the output.
+
+    Tokenizers fold a space into the next word (" Paris"), so a prompt ending in a bare space is unnatural
+    text for the model, and vLLM refuses to continue an assistant message that ends in whitespace. The
+    prompt is sent without it, and the same amount of leading whitespace is dropped from the continuation,
+    so the caller receives text that continues its original string.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.prompt = text.rstrip()
+        self._owed = len(text) - len(self.prompt)
+
+    def feed(self, piece: str) -> str:
+        while self._owed and piece and piece[0].isspace():
+            piece, self._owed = piece[1:], self._owed - 1
+        if piece:
+            self._owed = 0  # the model went on without (more) whitespace: nothing more to drop
+        return piece
 
 
 def context_error(n_ctx: int, prompt_tokens: int, max_tokens: int, param: str) -> GKTError:

@@ -49,52 +49,23 @@ HOT_PREFIX_MIN = 64
 _IDLE = object()  # owner of the idle-time re-warming prefill: lowest priority
 
 
-class LlamaEngine:
-    """One GGUF model with one llama.cpp context; one generation at a time, prefix cache kept warm."""
+class LlamaText:
+    """The prompt side of a loaded model: chat template, tokenizer, token counts, context check.
 
-    def __init__(
-        self,
-        model_path: str | Path,
-        *,
-        n_ctx: int = 4096,
-        n_threads: int = 1,
-        n_batch: int = 512,
-        max_waiting: int = 16,
-        name: str | None = None,
-    ) -> None:
-        import llama_cpp  # imported lazily: the OpenAI-upstream cloud does not need it
+    Shared by ``LlamaEngine`` (one sequence at a time) and the cloud's batched scheduler; tokenizing only
+    reads the vocabulary, so it is safe while another thread decodes.
+    """
+
+    def __init__(self, llm: Any, name: str, n_ctx: int) -> None:
+        import llama_cpp
 
         self._llama_cpp = llama_cpp
-        self.path = Path(model_path)
-        self.name = name or self.path.stem
-        self._llm = llama_cpp.Llama(
-            model_path=str(self.path),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_batch=n_batch,
-            verbose=False,
-        )
-        self.n_ctx = self._llm.n_ctx()
-        self.max_waiting = max_waiting
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.name}")
-        self._prefill_stop: threading.Event | None = None  # set while a prefill holds the lock
-        self._warm_owner: object | None = None
-        self._canon = 0  # leading cached positions computed in canonical chunks (the only ones reused)
-        # Prompt chunk: a multiple of 4, so a full chunk needs no padding, within the batch and the ubatch.
-        self._chunk = max(CANON_MIN, min(self._llm.n_batch, 512) // CANON_MULTIPLE * CANON_MULTIPLE)
-        self._prefill_owner: object | None = None
-        self._recent: deque[list[int]] = deque(maxlen=4)
-        self.hot_prefix: list[int] = []
-        self._rewarm: asyncio.Task[int | None] | None = None
-        self._vocab = self._llm._model.vocab
-        self._bos = self._llm.token_bos()
+        self._llm = llm
+        self.name = name
+        self.n_ctx = n_ctx
+        self._vocab = llm._model.vocab
+        self._bos = llm.token_bos()
         self._formatter = self._make_formatter()
-        self.last_progress = time.monotonic()
-        self.consecutive_failures = 0
-        self.max_failures = 3
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -141,6 +112,56 @@ class LlamaEngine:
                            "continue from)", param=param)
         if prompt_tokens + max_tokens > self.n_ctx:
             raise context_error(self.n_ctx, prompt_tokens, max_tokens, param)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (may be part of a UTF-8 character)."""
+        return self._llm.detokenize([token])
+
+
+class LlamaEngine(LlamaText):
+    """One GGUF model with one llama.cpp context; one generation at a time, prefix cache kept warm."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int = 1,
+        n_batch: int = 512,
+        max_waiting: int = 16,
+        name: str | None = None,
+    ) -> None:
+        import llama_cpp  # imported lazily: the OpenAI-upstream cloud does not need it
+
+        self.path = Path(model_path)
+        llm = llama_cpp.Llama(
+            model_path=str(self.path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=n_batch,
+            verbose=False,
+        )
+        super().__init__(llm, name or self.path.stem, llm.n_ctx())
+        self.max_waiting = max_waiting
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.name}")
+        self._prefill_stop: threading.Event | None = None  # set while a prefill holds the lock
+        self._warm_owner: object | None = None
+        self._canon = 0  # leading cached positions computed in canonical chunks (the only ones reused)
+        # Prompt chunk: a multiple of 4, so a full chunk needs no padding, within the batch and the ubatch.
+        self._chunk = max(CANON_MIN, min(self._llm.n_batch, 512) // CANON_MULTIPLE * CANON_MULTIPLE)
+        self._prefill_owner: object | None = None
+        self._recent: deque[list[int]] = deque(maxlen=4)
+        self.hot_prefix: list[int] = []
+        self._rewarm: asyncio.Task[int | None] | None = None
+        self.last_progress = time.monotonic()
+        self.consecutive_failures = 0
+        self.max_failures = 3
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -369,7 +390,7 @@ class LlamaEngine:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if self._llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                if self.is_eog(tok):
                     finish = "stop"
                     break
                 n += 1

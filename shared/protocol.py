@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from shared.cost import TeacherCost
 from shared.errors import ErrorCode, GKTError
 
 PROTOCOL_VERSION = "1"
@@ -77,8 +78,8 @@ class SamplingParams(BaseModel):
 class GuidanceRequest(SamplingParams):
     """Ask the teacher for the first ``max_tokens`` tokens (k) of its answer.
 
-    Exactly one of ``messages`` (rendered with the teacher's chat template, assistant turn open) or
-    ``prompt`` (raw text, continued as is).
+    Exactly one of ``messages`` (rendered with the teacher's chat template, assistant turn open; a final
+    assistant message is continued) or ``prompt`` (raw text, continued as is).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -100,9 +101,12 @@ class GuidanceRequest(SamplingParams):
     def _one_input(self) -> GuidanceRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
-        if self.messages is not None and self.messages[-1].role == "assistant":
-            raise ValueError("the last message must not be an assistant message")
         return self
+
+    @property
+    def continues(self) -> bool:
+        """A final assistant message is continued: its text is the start of the answer."""
+        return self.messages is not None and self.messages[-1].role == "assistant"
 
 
 class Usage(BaseModel):
@@ -148,6 +152,8 @@ class DoneFrame(BaseModel):
     model: str
     usage: Usage
     timings: Timings
+    cost: TeacherCost | None = None
+    cached: bool = Field(False, description="Served from the guidance cache (no engine work, no teacher cost).")
 
 
 class ErrorInfo(BaseModel):
@@ -185,6 +191,8 @@ class GuidanceResult(BaseModel):
     model: str
     usage: Usage
     timings: Timings
+    cost: TeacherCost | None = None
+    cached: bool = Field(False, description="Served from the guidance cache (no engine work, no teacher cost).")
 
 
 class BatchGuidanceRequest(BaseModel):

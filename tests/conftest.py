@@ -12,10 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from cloud_service.auth import key_entry, new_key
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
 
 ONE_THREAD = {"GKT_CLOUD_N_THREADS": "1", "GKT_EDGE_N_THREADS": "1"}
+# One edge key for the session: clouds store its hash, edges send it, tests call clouds with AUTH.
+EDGE_KEY = new_key()
+CLOUD_KEYS = {"GKT_CLOUD_API_KEYS": key_entry("tests", EDGE_KEY)}
+EDGE_AUTH = {"GKT_EDGE_CLOUD_API_KEY": EDGE_KEY}
+AUTH = {"Authorization": f"Bearer {EDGE_KEY}"}
 
 
 @pytest.fixture(scope="session")
@@ -34,21 +40,21 @@ def _run(service: Service) -> Iterator[Service]:
 @pytest.fixture(scope="session")
 def cloud(logs: Path) -> Iterator[Service]:
     """The default teacher (Qwen2.5-Coder-1.5B) on llama.cpp, one thread."""
-    env = {**ONE_THREAD, "GKT_CLOUD_MODEL": DEFAULT_TEACHER, "GKT_CLOUD_N_CTX": "2048"}
+    env = {**ONE_THREAD, **CLOUD_KEYS, "GKT_CLOUD_MODEL": DEFAULT_TEACHER, "GKT_CLOUD_N_CTX": "2048"}
     yield from _run(cloud_service(free_port(), env, log_path=logs / "cloud.log"))
 
 
 @pytest.fixture(scope="session")
 def edge(cloud: Service, logs: Path) -> Iterator[Service]:
     """The default student (Qwen2.5-Coder-0.5B) guided by ``cloud``."""
-    env = {**ONE_THREAD, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log"))
 
 
 @pytest.fixture(scope="session")
 def edge_smol(cloud: Service, logs: Path) -> Iterator[Service]:
     """SmolLM2-135M (a different vocabulary) guided by the Qwen teacher."""
-    env = {**ONE_THREAD, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge_smol.log"))
 
 
@@ -64,11 +70,11 @@ def upstream(logs: Path) -> Iterator[Service]:
 
 @pytest.fixture(scope="session")
 def cloud_upstream(upstream: Service, logs: Path) -> Iterator[Service]:
-    env = {"GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": f"{upstream.url}/v1"}
+    env = {**CLOUD_KEYS, "GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": f"{upstream.url}/v1"}
     yield from _run(cloud_service(free_port(), env, log_path=logs / "cloud_upstream.log"))
 
 
 @pytest.fixture(scope="session")
 def edge_upstream(cloud_upstream: Service, logs: Path) -> Iterator[Service]:
-    env = {**ONE_THREAD, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud_upstream.url, env, log_path=logs / "edge_upstream.log"))

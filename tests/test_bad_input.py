@@ -13,12 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from gkt.launcher import Service, cloud_service, edge_service, free_port
+from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
 
 LIMITS = {
     "GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "512",
     "GKT_CLOUD_MAX_GUIDANCE_TOKENS": "16", "GKT_CLOUD_MAX_BODY_BYTES": "65536",
     "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "256",
-    "GKT_EDGE_MAX_BODY_BYTES": "65536", "GKT_EDGE_DEFAULT_MAX_TOKENS": "8",
+    "GKT_EDGE_MAX_BODY_BYTES": "65536", "GKT_EDGE_DEFAULT_MAX_TOKENS": "8", **CLOUD_KEYS, **EDGE_AUTH,
 }
 
 
@@ -60,7 +61,8 @@ def assert_envelope(r: httpx.Response, status: int) -> dict:
 def test_v1_body_too_large_with_content_length(services: tuple[Service, Service], which: int) -> None:
     svc = services[which]
     for route in routes(svc):
-        r = httpx.post(svc.url + route, content=b"x" * 70_000, headers={"content-type": "application/json"})
+        r = httpx.post(svc.url + route, content=b"x" * 70_000,
+                       headers={"content-type": "application/json", **AUTH})
         assert assert_envelope(r, 413)["code"] == "payload_too_large"
 
 
@@ -74,7 +76,7 @@ def test_v1_body_too_large_chunked(services: tuple[Service, Service], which: int
             yield b"a" * 1000
         yield b'"}'
 
-    r = httpx.post(svc.url + routes(svc)[0], content=body(), headers={"content-type": "application/json"})
+    r = httpx.post(svc.url + routes(svc)[0], content=body(), headers={"content-type": "application/json", **AUTH})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -107,10 +109,11 @@ def test_v2_header_abuse(services: tuple[Service, Service], which: int) -> None:
 def test_v6_invalid_utf8_and_surrogates(services: tuple[Service, Service], which: int) -> None:
     svc = services[which]
     route = routes(svc)[1] if svc.name == "edge" else routes(svc)[0]
-    r = httpx.post(svc.url + route, content=b'{"prompt": "caf\xe9"}', headers={"content-type": "application/json"})
+    r = httpx.post(svc.url + route, content=b'{"prompt": "caf\xe9"}',
+                   headers={"content-type": "application/json", **AUTH})
     assert_envelope(r, 400)
     r = httpx.post(svc.url + route, content=b'{"prompt": "lone \\ud800 surrogate"}',
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **AUTH})
     assert_envelope(r, 400)
 
 
@@ -136,7 +139,7 @@ FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(Healt
 def test_v3_schema_fuzz_no_5xx_and_envelopes(services: tuple[Service, Service], which: int) -> None:
     """Every operation of the service's own OpenAPI, fuzzed (NUL bytes and all): no 5xx, errors enveloped."""
     svc = services[which]
-    schema = schemathesis.openapi.from_url(svc.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(svc.url + "/openapi.json", headers=AUTH)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {op.path for op in operations} >= set(routes(svc))
     for op in operations:
@@ -144,7 +147,8 @@ def test_v3_schema_fuzz_no_5xx_and_envelopes(services: tuple[Service, Service], 
         @FUZZ
         @given(case=op.as_strategy())
         def fuzz(case) -> None:  # noqa: ANN001
-            case.call_and_validate(base_url=svc.url, checks=[not_a_server_error, envelope_check], timeout=60)
+            case.call_and_validate(base_url=svc.url, headers=AUTH, checks=[not_a_server_error, envelope_check],
+                                   timeout=60)
 
         fuzz()
 

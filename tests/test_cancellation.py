@@ -12,9 +12,11 @@ import httpx
 import pytest
 
 from gkt.launcher import Service, cloud_service, edge_service, free_port
+from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
 
 ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
-       "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096"}
+       "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
+       **CLOUD_KEYS, **EDGE_AUTH}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def wait_until(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
 def read_then_leave(url: str, body: dict, chunks: int) -> int:
     """Open a stream, read a few events, close the connection; returns how many events were read."""
     seen = 0
-    with httpx.stream("POST", url, json=body, timeout=60) as r:
+    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -65,7 +67,8 @@ def test_cloud_stream_cancelled_stops_the_engine(pair: tuple[Service, Service]) 
     assert metric(cloud, "gkt_cloud_requests_total", '{outcome="cancelled",route="guidance"}') == before + 1
     # The engine is free at once: a short request is not stuck behind 2000 tokens nobody reads.
     t0 = time.monotonic()
-    r = httpx.post(cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 2, "stream": False}, timeout=60)
+    r = httpx.post(cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 2, "stream": False},
+                   headers=AUTH, timeout=60)
     assert r.status_code == 200 and r.json()["timings"]["queue_s"] < 1.0
     assert time.monotonic() - t0 < 10
 
@@ -104,7 +107,7 @@ def test_cancelling_a_queued_request_leaves_the_running_one_untouched(pair: tupl
 
     def run_first() -> None:
         with httpx.stream("POST", cloud.url + "/v1/guidance", json={"prompt": "Count: 1, 2, 3,", "max_tokens": 120},
-                          timeout=120) as r:
+                          headers=AUTH, timeout=120) as r:
             first.extend(line for line in r.iter_lines() if line.startswith("data: "))
 
     t = threading.Thread(target=run_first)
@@ -112,7 +115,7 @@ def test_cancelling_a_queued_request_leaves_the_running_one_untouched(pair: tupl
     wait_until(lambda: len(first) > 2)
     try:
         httpx.post(cloud.url + "/v1/guidance", json={"prompt": "Queued", "max_tokens": 50, "stream": False},
-                   timeout=0.5)
+                   headers=AUTH, timeout=0.5)
     except httpx.TimeoutException:
         pass  # the client gave up while queued
     t.join(120)

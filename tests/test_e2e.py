@@ -12,6 +12,7 @@ from openai import OpenAI
 from gkt.launcher import Service
 from shared.protocol import SSEDecoder, parse_frame
 from shared.tasks import GSM8K
+from tests.conftest import AUTH
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -22,7 +23,7 @@ def first_gsm8k():
 
 
 def post(service: Service, path: str, body: dict) -> httpx.Response:
-    return httpx.post(service.url + path, json=body, timeout=TIMEOUT)
+    return httpx.post(service.url + path, json=body, timeout=TIMEOUT, headers=AUTH)
 
 
 def teacher_alone(cloud: Service, prompt: str, k: int) -> dict:
@@ -134,7 +135,7 @@ def test_openai_client_streams_guidance_then_student(edge: Service) -> None:
 def test_cloud_streams_frames_with_usage_and_timings(cloud: Service) -> None:
     with httpx.stream("POST", cloud.url + "/v1/guidance", json={
         "messages": [{"role": "user", "content": "Count from one to ten in words."}], "max_tokens": 8,
-    }, timeout=TIMEOUT) as r:
+    }, timeout=TIMEOUT, headers=AUTH) as r:
         assert r.status_code == 200 and r.headers["x-gkt-protocol"] == "1"
         dec = SSEDecoder()
         frames = [parse_frame(d) for chunk in r.iter_raw() for d in dec.feed(chunk)]
@@ -163,7 +164,7 @@ def test_openai_upstream_backend(cloud_upstream: Service, edge_upstream: Service
     """The cloud's OpenAI backend against a real OpenAI-compatible server (llama_cpp.server)."""
     with httpx.stream("POST", cloud_upstream.url + "/v1/guidance", json={
         "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 10,
-    }, timeout=TIMEOUT) as r:
+    }, timeout=TIMEOUT, headers=AUTH) as r:
         assert r.status_code == 200
         dec = SSEDecoder()
         frames = [parse_frame(d) for chunk in r.iter_raw() for d in dec.feed(chunk)]

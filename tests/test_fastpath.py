@@ -24,7 +24,7 @@ from shared.llama import (
 )
 from shared.models import DEFAULT_STUDENT, resolve
 from shared.tasks import GSM8K
-from tests.conftest import ONE_THREAD
+from tests.conftest import EDGE_AUTH, ONE_THREAD
 
 GREEDY = GenerationParams(max_tokens=24, temperature=0.0)
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -195,7 +195,8 @@ async def test_greedy_output_does_not_depend_on_what_was_cached_q4_k_m() -> None
 @pytest.fixture(scope="module")
 def edge_slow(cloud: Service, logs: Path) -> Iterator[Service]:
     """The default student without the fast path, guided by the same cloud."""
-    env = {**ONE_THREAD, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048", "GKT_EDGE_FAST_PATH": "false"}
+    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048",
+           "GKT_EDGE_FAST_PATH": "false"}
     service = edge_service(free_port(), cloud.url, env, log_path=logs / "edge_slow.log").start()
     try:
         yield service.wait_ready()

@@ -17,11 +17,12 @@ from cloud_service.app import create_app as create_cloud
 from cloud_service.settings import CloudSettings
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.generation import GenerationResult, Piece
+from tests.conftest import AUTH, CLOUD_KEYS
 
 SMOL_EDGE = {"GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "2048",
              "GKT_EDGE_DRAIN_TIMEOUT_S": "2"}
 SMOL_CLOUD = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
-              "GKT_CLOUD_DRAIN_TIMEOUT_S": "2"}
+              "GKT_CLOUD_DRAIN_TIMEOUT_S": "2", **CLOUD_KEYS}
 @pytest.fixture
 def stop_later() -> Iterator[Callable[[Service], Service]]:
     """Services a test started are stopped even when the test fails halfway."""
@@ -36,7 +37,7 @@ LONG = {"prompt": "Once upon a time", "max_tokens": 1800, "mode": "student", "st
 
 def stream_in_thread(url: str, body: dict, out: list) -> threading.Thread:
     def run() -> None:
-        with httpx.stream("POST", url, json=body, timeout=60) as r:
+        with httpx.stream("POST", url, json=body, headers=AUTH, timeout=60) as r:
             out.append(r.status_code)
             out.extend(line for line in r.iter_lines() if line.startswith("data: "))
     t = threading.Thread(target=run)
@@ -104,7 +105,8 @@ def test_cloud_drain_ends_open_streams_with_an_error_frame(tmp_path: Path, stop_
 def test_unloadable_model_exits_non_zero(tmp_path: Path, stop_later) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
-    svc = stop_later(cloud_service(free_port(), {"GKT_CLOUD_MODEL": str(bad)}, log_path=tmp_path / "cloud.log")).start()
+    env = {"GKT_CLOUD_MODEL": str(bad), **CLOUD_KEYS}
+    svc = stop_later(cloud_service(free_port(), env, log_path=tmp_path / "cloud.log")).start()
     assert svc.proc.wait(timeout=60) != 0
 
 
@@ -132,7 +134,9 @@ class DyingTeacher:
     def __init__(self) -> None:
         self.dead: str | None = None
 
-    async def open(self, request):  # noqa: ANN001, ANN201
+    stats: dict = {}
+
+    async def open(self, request, on_result=None):  # noqa: ANN001, ANN201
         self.dead = "engine dead: injected"
 
         async def gen():  # noqa: ANN202
@@ -146,7 +150,7 @@ class DyingTeacher:
 
 async def test_dead_engine_fails_readiness_and_requests_exit() -> None:
     """H2/H3: the watchdog turns a dead engine into readiness 503 with the reason and exit code 1."""
-    app = create_cloud(CloudSettings(), engine=DyingTeacher())
+    app = create_cloud(CloudSettings(auth=False), engine=DyingTeacher())
     stopped = []
     async with app.router.lifespan_context(app), httpx.AsyncClient(
             transport=httpx.ASGITransport(app), base_url="http://cloud") as client:

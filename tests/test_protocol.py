@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shared.errors import ErrorCode, GKTError
+from shared.generation import TrailingWhitespace
 from shared.protocol import (
     DoneFrame,
     ErrorFrame,
@@ -95,13 +96,28 @@ def test_error_frame_from_error() -> None:
         {"prompt": "lone \ud800 surrogate"},
         {"messages": []},
         {"messages": [{"role": "wizard", "content": "hi"}]},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "open"}]},
         {"prompt": "x", "unknown_field": 1},
     ],
 )
 def test_guidance_request_rejects(body: dict) -> None:
     with pytest.raises(ValidationError):
         GuidanceRequest.model_validate(body)
+
+
+def test_final_assistant_message_is_continued() -> None:
+    req = GuidanceRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is "}]})
+    assert req.continues and not GuidanceRequest(prompt="x").continues
+
+
+def test_trailing_whitespace_is_cut_from_prompt_and_output() -> None:
+    cut = TrailingWhitespace("The capital is ")
+    assert cut.prompt == "The capital is"
+    assert [cut.feed(p) for p in (" Paris", " and", " more")] == ["Paris", " and", " more"]
+    none = TrailingWhitespace("abc")
+    assert none.prompt == "abc" and none.feed(" d") == " d"
+    split = TrailingWhitespace("x\n\n")
+    assert [split.feed(p) for p in ("\n", "\nY", " z")] == ["", "Y", " z"]
 
 
 def test_guidance_request_accepts_stop_string() -> None:

@@ -16,6 +16,7 @@ from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from gkt.launcher import Service, cloud_service, free_port
 from shared.errors import ErrorCode, GKTError, error_body
 from shared.protocol import DoneFrame, GuidanceRequest, Timings, TokenFrame, Usage, encode_frame
+from tests.conftest import AUTH, CLOUD_KEYS
 
 REQ = GuidanceRequest(prompt="Q: 1+1?\nA:", max_tokens=4)
 DONE = DoneFrame(seq=1, finish_reason="length", model="m", usage=Usage(), timings=Timings())
@@ -160,7 +161,7 @@ async def test_breaker_opens_on_a_dead_cloud_and_probes_later() -> None:
 @pytest.fixture(scope="module")
 def smol_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     env = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
-           "GKT_CLOUD_HEARTBEAT_S": "0.2"}
+           "GKT_CLOUD_HEARTBEAT_S": "0.2", **CLOUD_KEYS}
     svc = cloud_service(free_port(), env, log_path=tmp_path_factory.mktemp("res") / "cloud.log").start()
     try:
         yield svc.wait_ready()
@@ -172,19 +173,20 @@ def test_cloud_stops_at_the_callers_budget(smol_cloud: Service) -> None:
     """T2/T4: with timeout_ms the cloud ends the stream with a timeout error frame instead of finishing k."""
     body = {"prompt": "Once upon a time", "max_tokens": 1500, "timeout_ms": 400}
     t0 = time.monotonic()
-    r = httpx.post(smol_cloud.url + "/v1/guidance", json=body, timeout=60)
+    r = httpx.post(smol_cloud.url + "/v1/guidance", json=body, headers=AUTH, timeout=60)
     elapsed = time.monotonic() - t0
     events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and '"code":"timeout"' in events[-1]
     assert sum('"type":"done"' in e or '"type":"error"' in e for e in events) == 1  # F1
     assert elapsed < 5
-    ok = httpx.post(smol_cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 3, "stream": False})
+    ok = httpx.post(smol_cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 3, "stream": False},
+                    headers=AUTH)
     assert ok.status_code == 200  # the context was released: the next request is served
 
 
 async def test_edge_deadline_ends_guidance_and_tells_the_cloud(smol_cloud: Service) -> None:
     """T1/T4: the edge's guidance deadline cuts a long stream; the cloud was told the remaining budget."""
-    http = httpx.AsyncClient(base_url=smol_cloud.url, timeout=30)
+    http = httpx.AsyncClient(base_url=smol_cloud.url, headers=AUTH, timeout=30)
     client = CloudClient(http, policy=RetryPolicy(attempts=1))
     req = GuidanceRequest(prompt="Once upon a time", max_tokens=1500)
     tokens = 0
@@ -197,21 +199,13 @@ async def test_edge_deadline_ends_guidance_and_tells_the_cloud(smol_cloud: Servi
     await http.aclose()
 
 
-def test_heartbeats_while_queued(smol_cloud: Service) -> None:
-    """F4: a request queued behind another sees heartbeat frames, then its own tokens, then one done."""
-    import threading
-
-    def long() -> None:
-        httpx.post(smol_cloud.url + "/v1/guidance", json={"prompt": "Once upon a time", "max_tokens": 400},
-                   timeout=120)
-
-    t = threading.Thread(target=long)
-    t.start()
-    time.sleep(0.3)
-    with httpx.stream("POST", smol_cloud.url + "/v1/guidance", json={"prompt": "Hi", "max_tokens": 3},
-                      timeout=120) as r:
+def test_heartbeats_while_idle(smol_cloud: Service) -> None:
+    """F4: while the teacher processes a long prompt the stream is silent, so heartbeats come first, then the
+    tokens, then exactly one done."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 150
+    with httpx.stream("POST", smol_cloud.url + "/v1/guidance", json={"prompt": prompt, "max_tokens": 3},
+                      headers=AUTH, timeout=120) as r:
         kinds = [line.split('"type":"')[1].split('"')[0] for line in r.iter_lines() if line.startswith("data: ")]
-    t.join(120)
     assert kinds[0] == "heartbeat" and kinds[-1] == "done" and "token" in kinds
     assert kinds.index("token") > 0 and kinds.count("done") == 1
 

@@ -1,57 +1,96 @@
-"""The embedded CPU teacher: llama.cpp in process."""
+"""The embedded CPU teacher: llama.cpp in process, with continuous batching across requests."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
-from cloud_service.engine import Generation
+from cloud_service.engine import Generation, OnResult
+from cloud_service.scheduler import BatchScheduler
 from cloud_service.settings import CloudSettings
-from shared.generation import GenerationParams
-from shared.llama import LlamaEngine
+from shared.generation import GenerationParams, GenerationResult, Piece, TrailingWhitespace
+from shared.llama import LlamaText
 from shared.models import resolve
 from shared.protocol import GuidanceRequest
 
+# The high-level Llama object only tokenizes and renders templates; its own context stays tiny. Decoding
+# happens in the scheduler's multi-sequence context, which shares the same loaded weights.
+_TEXT_CTX = 64
+
 
 class LlamaTeacher:
-    """Renders chat with the teacher's own template and streams from one llama.cpp context."""
+    """Renders chat with the teacher's own template and decodes in a shared batch with other requests."""
 
-    def __init__(self, engine: LlamaEngine, model_name: str) -> None:
-        self.engine = engine
+    def __init__(self, llm: Any, text: LlamaText, scheduler: BatchScheduler, model_name: str) -> None:
+        self._llm = llm
+        self.text = text
+        self.scheduler = scheduler
         self.model_name = model_name
 
     @classmethod
     async def load(cls, settings: CloudSettings) -> LlamaTeacher:
-        path = resolve(settings.model)
-        engine = await asyncio.to_thread(
-            LlamaEngine, path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-            n_batch=settings.n_batch, max_waiting=settings.max_waiting, name=settings.model,
+        return await asyncio.to_thread(cls._load, settings)
+
+    @classmethod
+    def _load(cls, settings: CloudSettings) -> LlamaTeacher:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(
+            model_path=str(resolve(settings.model)), n_ctx=_TEXT_CTX, n_batch=_TEXT_CTX, n_ubatch=_TEXT_CTX,
+            n_threads=1, n_threads_batch=1, verbose=False,
         )
-        return cls(engine, settings.model)
+        text = LlamaText(llm, settings.model, settings.n_ctx)
+        scheduler = BatchScheduler(
+            llm, slots=settings.max_in_flight, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+            n_threads=settings.n_threads, detokenize=text.piece, is_eog=text.is_eog, name=settings.model,
+        )
+        return cls(llm, text, scheduler, settings.model)
 
     @property
-    def waiting(self) -> int:
-        """Requests waiting for the context (for the queue gauge)."""
-        return self.engine.waiting
+    def stats(self) -> dict[str, Any]:
+        return self.scheduler.snapshot()
 
-    def stalled(self, threshold_s: float) -> bool:
-        return self.engine.stalled(threshold_s)
-
-    @property
-    def dead(self) -> str | None:
-        return self.engine.dead
-
-    async def open(self, request: GuidanceRequest) -> Generation:
+    async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation:
+        cut: TrailingWhitespace | None = None
         if request.messages is not None:
-            text = self.engine.render_chat([m.model_dump() for m in request.messages])
-            tokens, param = self.engine.tokenize(text, special=True), "messages"
+            messages = [m.model_dump() for m in request.messages]
+            if request.continues:
+                # Continue the final assistant message: the template opens a new assistant turn after
+                # the earlier messages, and the partial answer follows as plain text.
+                cut = TrailingWhitespace(messages[-1]["content"])
+                prompt = self.text.render_chat(messages[:-1]) + cut.prompt
+            else:
+                prompt = self.text.render_chat(messages)
+            tokens, param = self.text.tokenize(prompt, special=True), "messages"
         else:
-            tokens, param = self.engine.tokenize(request.prompt or "", special=False), "prompt"
-        self.engine.check_fits(len(tokens), request.max_tokens, param)
+            tokens, param = self.text.tokenize(request.prompt or "", special=False), "prompt"
+        self.text.check_fits(len(tokens), request.max_tokens, param)
         params = GenerationParams(
             max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop,
         )
-        return self.engine.stream(tokens, params)
+        stream = self.scheduler.stream(tokens, params, on_result)
+        return stream if cut is None else _cut_leading(stream, cut)
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.engine.close)
+        await asyncio.to_thread(self.scheduler.close)
+        await asyncio.to_thread(self._llm.close)
+
+
+async def _cut_leading(
+    stream: AsyncIterator[Piece | GenerationResult], cut: TrailingWhitespace
+) -> AsyncIterator[Piece | GenerationResult]:
+    carried = 0  # tokens whose text was all cut: counted with the next piece
+    try:
+        async for item in stream:
+            if isinstance(item, Piece):
+                text = cut.feed(item.text)
+                if not text:
+                    carried += item.tokens
+                    continue
+                item = Piece(text, item.tokens + carried)
+                carried = 0
+            yield item
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]

@@ -3,6 +3,10 @@
 Chat requests go to ``/chat/completions`` (the upstream renders its own template), raw prompts to
 ``/completions``. Streams ask for ``stream_options.include_usage`` so token counts come from the upstream's
 own tokenizer; servers that do not send usage get the count of streamed pieces instead.
+
+A final assistant message is continued with vLLM's ``continue_final_message`` (and no new generation prompt).
+vLLM refuses to continue a message that ends in whitespace, so trailing whitespace is cut from the message
+and the same whitespace is dropped from the start of the continuation (``TrailingWhitespace``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from typing import Any
 
 import httpx
 
-from cloud_service.engine import Generation
+from cloud_service.engine import Generation, Guarded, OnResult
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationResult, Piece
+from shared.generation import GenerationResult, Piece, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
 
 _MAX_UPSTREAM_MESSAGE = 500
@@ -58,7 +62,11 @@ class OpenAITeacher:
             raise RuntimeError("the upstream lists no models; set GKT_CLOUD_UPSTREAM_MODEL")
         return str(models[0]["id"])
 
-    def _body(self, request: GuidanceRequest) -> tuple[str, dict[str, Any]]:
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"backend": "openai", "upstream_model": self.model_name}
+
+    def _body(self, request: GuidanceRequest) -> tuple[str, dict[str, Any], TrailingWhitespace | None]:
         body: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": request.max_tokens,
@@ -72,13 +80,19 @@ class OpenAITeacher:
         if request.stop:
             body["stop"] = request.stop
         if request.messages is not None:
-            body["messages"] = [m.model_dump() for m in request.messages]
-            return "chat/completions", body
+            messages = [m.model_dump() for m in request.messages]
+            cut = None
+            if request.continues:
+                cut = TrailingWhitespace(messages[-1]["content"])
+                messages[-1]["content"] = cut.prompt
+                body["continue_final_message"], body["add_generation_prompt"] = True, False
+            body["messages"] = messages
+            return "chat/completions", body, cut
         body["prompt"] = request.prompt
-        return "completions", body
+        return "completions", body, None
 
-    async def open(self, request: GuidanceRequest) -> Generation:
-        path, body = self._body(request)
+    async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation:
+        path, body, cut = self._body(request)
         t0 = perf_counter()
         try:
             resp = await self._client.send(self._client.build_request("POST", path, json=body), stream=True)
@@ -92,52 +106,74 @@ class OpenAITeacher:
             finally:
                 await resp.aclose()
             raise _status_error(resp.status_code, raw, resp.headers.get("retry-after"))
-        return self._stream(resp, t0, chat=request.messages is not None)
+        stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, on_result=on_result)
+        return Guarded(stream, resp.aclose)  # the connection is released even if nobody reads the stream
 
-    async def _stream(self, resp: httpx.Response, t0: float, *, chat: bool) -> AsyncIterator[Piece | GenerationResult]:
+    async def _stream(
+        self, resp: httpx.Response, t0: float, *, chat: bool, cut: TrailingWhitespace | None,
+        on_result: OnResult | None,
+    ) -> AsyncIterator[Piece | GenerationResult]:
         decoder = SSEDecoder()
-        pieces = 0
+        pieces = carried = 0
         usage: dict[str, Any] = {}
         finish = "length"
         t_first: float | None = None
         done = False
+        reported = False
+
+        def result(reason: str) -> GenerationResult:
+            t_end = perf_counter()
+            first = t_first or t_end
+            return GenerationResult(
+                finish_reason=reason,  # type: ignore[arg-type]
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or pieces),
+                prompt_s=first - t0,
+                generation_s=t_end - first,
+                engine_s=t_end - t0,  # wall time: an upper bound on this request's share of a batching upstream
+            )
+
         try:
-            async for chunk in resp.aiter_raw():
-                for data in decoder.feed(chunk):
-                    if data.strip() == "[DONE]":
-                        done = True
+            try:
+                async for chunk in resp.aiter_raw():
+                    for data in decoder.feed(chunk):
+                        if data.strip() == "[DONE]":
+                            done = True
+                            break
+                        obj = _json(data)
+                        if "error" in obj:
+                            raise GKTError(ErrorCode.upstream_error, "the teacher upstream failed mid-stream")
+                        usage = obj.get("usage") or usage
+                        for choice in obj.get("choices") or []:
+                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            if text:
+                                t_first = t_first or perf_counter()
+                                pieces += 1
+                                text = cut.feed(text) if cut is not None else text
+                                if text:
+                                    yield Piece(text, 1 + carried)
+                                    carried = 0
+                                else:
+                                    carried += 1  # all cut: counted with the next piece
+                            if reason := choice.get("finish_reason"):
+                                finish = "length" if reason == "length" else "stop"
+                    if done:
                         break
-                    obj = _json(data)
-                    if "error" in obj:
-                        raise GKTError(ErrorCode.upstream_error, "the teacher upstream failed mid-stream")
-                    usage = obj.get("usage") or usage
-                    for choice in obj.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                        if text:
-                            t_first = t_first or perf_counter()
-                            pieces += 1
-                            yield Piece(text, 1)
-                        if reason := choice.get("finish_reason"):
-                            finish = "length" if reason == "length" else "stop"
-                if done:
-                    break
-        except httpx.TimeoutException as exc:
-            raise GKTError(ErrorCode.timeout, "the teacher upstream stalled") from exc
-        except httpx.TransportError as exc:
-            raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream connection broke") from exc
+            except httpx.TimeoutException as exc:
+                raise GKTError(ErrorCode.timeout, "the teacher upstream stalled") from exc
+            except httpx.TransportError as exc:
+                raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream connection broke") from exc
+            if not done:
+                raise GKTError(ErrorCode.protocol_error, "the teacher upstream stream ended without [DONE]")
+            final = result(finish)
+            reported = True
+            if on_result is not None:
+                on_result(final)
+            yield final
         finally:
             await resp.aclose()
-        if not done:
-            raise GKTError(ErrorCode.protocol_error, "the teacher upstream stream ended without [DONE]")
-        t_end = perf_counter()
-        t_first = t_first or t_end
-        yield GenerationResult(
-            finish_reason=finish,  # type: ignore[arg-type]
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or pieces),
-            prompt_s=t_first - t0,
-            generation_s=t_end - t_first,
-        )
+            if not reported and on_result is not None:
+                on_result(result("cancelled"))  # stopped early or failed: charge what was streamed
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -1,0 +1,124 @@
+"""Edges are tenants: API keys (stored as SHA-256 hashes, compared in constant time) and per-key rate limits.
+
+Deny by default (S1): ``AuthMiddleware`` refuses every path except ``/health`` and ``/ready`` without a
+valid ``Authorization: Bearer <key>``, including paths no route serves yet. Keys are random 256-bit
+strings, so a plain SHA-256 is enough to keep the stored form useless to a reader (no password stretching
+needed); every stored hash is compared with ``hmac.compare_digest`` so timing tells nothing (S2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass, field
+from time import monotonic
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shared.errors import ErrorCode, GKTError, error_body
+
+# Probes and the Prometheus scrape; restrict /metrics at the network level where that matters.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
+ANONYMOUS = "anonymous"
+_ENTRY = re.compile(r"^([A-Za-z0-9._-]{1,64}):([0-9a-f]{64})$")
+
+
+def new_key() -> str:
+    """A fresh edge key."""
+    return "gkt_" + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_entry(name: str, key: str) -> str:
+    """The ``name:sha256hex`` entry the cloud stores for ``key``."""
+    return f"{name}:{hash_key(key)}"
+
+
+class KeyRing:
+    """The tenants' key hashes, parsed from ``GKT_CLOUD_API_KEYS``."""
+
+    def __init__(self, entries: str) -> None:
+        self._hashes: list[tuple[str, bytes]] = []
+        for raw in (e.strip() for e in entries.split(",")):
+            if not raw:
+                continue
+            m = _ENTRY.match(raw)
+            if m is None:
+                # Never echo the entry: it might be a key pasted by mistake.
+                raise ValueError("GKT_CLOUD_API_KEYS entries must look like name:<64 lowercase hex digits>")
+            self._hashes.append((m.group(1), bytes.fromhex(m.group(2))))
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def tenant(self, key: str) -> str | None:
+        digest = hashlib.sha256(key.encode("utf-8")).digest()
+        found = None
+        for name, stored in self._hashes:  # no early exit: every entry is compared
+            if hmac.compare_digest(digest, stored) and found is None:
+                found = name
+        return found
+
+
+class AuthMiddleware:
+    """Puts the caller's tenant name into ``request.state.tenant`` or answers 401 (deny by default)."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing | None) -> None:
+        self.app = app
+        self.keys = keys  # None: auth is off, everyone is the anonymous tenant
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if self.keys is None:
+            state["tenant"] = ANONYMOUS
+        elif scope["path"] not in PUBLIC_PATHS:
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            scheme, _, key = auth.partition(" ")
+            tenant = self.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+            if tenant is None:
+                body = error_body(ErrorCode.unauthorized, "a valid API key is required (Authorization: Bearer)")
+                resp = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+            state["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float = field(default_factory=monotonic)
+
+
+class RateLimiter:
+    """A token bucket per tenant: ``burst`` requests at once, refilled at ``per_min`` a minute (S5)."""
+
+    def __init__(self, per_min: float, burst: int) -> None:
+        self.rate = per_min / 60.0
+        self.burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+        self.limited: dict[str, int] = {}  # refusals per tenant
+
+    def take(self, tenant: str, n: int = 1) -> None:
+        """Spend ``n`` requests or raise 429 with the seconds until they would be available."""
+        n = min(n, self.burst)  # a batch larger than the burst costs a full bucket, so it can still pass
+        now = monotonic()
+        b = self._buckets.setdefault(tenant, _Bucket(float(self.burst), now))
+        b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
+        b.at = now
+        if b.tokens >= n:
+            b.tokens -= n
+            return
+        self.limited[tenant] = self.limited.get(tenant, 0) + 1
+        wait = (n - b.tokens) / self.rate
+        raise GKTError(ErrorCode.rate_limited, "this key's request rate is exceeded; slow down",
+                       retry_after=max(wait, 1.0))

@@ -1,0 +1,417 @@
+"""Continuous batching for the llama.cpp teacher: concurrent guidance sequences share every decode step.
+
+One worker thread owns a llama.cpp context with ``slots`` sequences, each with its own KV cache stream
+(``kv_unified`` off, ``n_ctx`` positions per sequence). Each step builds one ``llama_batch``:
+
+* the next token of every sequence that is generating (one row each, logits requested), then
+* chunks of the prompts of newly admitted sequences in the room left up to ``n_batch`` (chunked prefill, so a
+  long prompt never stalls the others for more than one step).
+
+One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
+sampler chain (its own temperature, top_p and seed), feeds its UTF-8 decoder and stop matcher, and emits text
+to its own asyncio queue. New requests join between steps; a cancelled request (client gone) leaves at the
+next step without disturbing the others. A finished sequence's KV cache stays in its slot, so a later prompt
+that shares its prefix (few-shot exemplars) is placed in that slot and only the new suffix is evaluated.
+
+The counters in ``EngineStats`` (steps, batch-size histogram, tokens) are plain numbers for the stats
+endpoint and, later, for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from time import perf_counter
+from typing import Any
+
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher
+
+log = logging.getLogger("gkt.scheduler")
+
+Emit = Callable[[Piece | GenerationResult | BaseException], None]
+OnResult = Callable[[GenerationResult], None]
+
+
+@dataclass
+class EngineStats:
+    """What the batched engine has done since it started (read with ``snapshot``)."""
+
+    steps: int = 0  # llama_decode calls
+    sampling_steps: int = 0  # steps that sampled at least one sequence's next token
+    sampled_tokens: int = 0  # tokens sampled (end-of-generation tokens included)
+    prompt_tokens: int = 0  # prompt tokens evaluated
+    cached_prompt_tokens: int = 0  # prompt tokens reused from a slot's KV cache instead
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # sequences sampled in one step -> steps
+    max_batch: int = 0  # the most sequences ever sampled in one step
+    started: int = 0
+    finished: int = 0  # ended by a stop (end of turn, stop sequence) or the token budget
+    cancelled: int = 0
+    failed: int = 0
+    active: int = 0  # sequences holding a slot
+    queued: int = 0  # submitted, waiting for a free slot
+    busy_s: float = 0.0  # seconds inside llama_decode
+
+    def snapshot(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
+        return out
+
+
+@dataclass
+class _Seq:
+    tokens: list[int]
+    params: GenerationParams
+    emit: Emit
+    on_result: OnResult | None
+    cancel: threading.Event
+    t_submit: float
+    slot: int = -1
+    n_past: int = 0  # tokens of this sequence already in its slot's KV cache
+    next_token: int = -1  # sampled, fed at the next step
+    generated: int = 0
+    pending: int = 0  # tokens whose text is held back (partial character or possible stop sequence)
+    cached: int = 0
+    engine_s: float = 0.0
+    t_admit: float = 0.0
+    t_first: float | None = None
+    sampler: Any = None
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    stops: StopMatcher | None = None
+
+    @property
+    def generating(self) -> bool:
+        return self.n_past >= len(self.tokens)
+
+
+class BatchScheduler:
+    """Runs many generations on one llama.cpp model at once, one shared decode step at a time."""
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        slots: int,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+        detokenize: Callable[[int], bytes],
+        is_eog: Callable[[int], bool],
+        name: str = "teacher",
+    ) -> None:
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.slots = slots
+        self.n_ctx = n_ctx
+        self.n_batch = max(n_batch, slots)  # every generating sequence needs its row in each step
+        self._detokenize = detokenize
+        self._is_eog = is_eog
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * slots
+        params.n_batch = params.n_ubatch = self.n_batch
+        params.n_seq_max = slots
+        params.kv_unified = False  # each sequence attends only to its own cache stream
+        params.n_threads = params.n_threads_batch = n_threads
+        params.no_perf = True
+        # The model weights are shared with the high-level Llama object that tokenizes (same llama_model).
+        self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create the batched context (out of memory?)")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's KV cache holds
+        self._free: set[int] = set(range(slots))
+        self._last_used = [0] * slots  # admission counter: ties go to the least recently used slot
+        self._admissions = 0
+        self._active: list[_Seq] = []  # in admission order
+        self._incoming: deque[_Seq] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    # --- the event-loop side ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return self.stats.snapshot()
+
+    async def stream(
+        self, tokens: list[int], params: GenerationParams, on_result: OnResult | None = None
+    ) -> AsyncIterator[Piece | GenerationResult]:
+        """Pieces as this sequence decodes, then one ``GenerationResult``.
+
+        ``on_result`` is called on the event loop with the final result exactly once, also when the consumer
+        stopped early (cancelled) or the engine failed, so the work done is always accounted for.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Piece | GenerationResult | BaseException] = asyncio.Queue()
+
+        # The worker thread must survive a consumer whose event loop has closed (shutdown, a test's loop).
+        def emit(item: Piece | GenerationResult | BaseException) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def report(result: GenerationResult) -> None:
+            if on_result is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(on_result, result)
+
+        seq = _Seq(tokens=tokens, params=params, emit=emit, on_result=report, cancel=threading.Event(),
+                   t_submit=perf_counter())
+        with self._cv:
+            if self._closed:
+                raise GKTError(ErrorCode.engine_error, "the teacher is shutting down")
+            self._incoming.append(seq)
+            with self._stats_lock:
+                self.stats.queued = len(self._incoming)
+            self._cv.notify()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    if isinstance(item, GKTError):
+                        raise item
+                    raise GKTError(ErrorCode.engine_error, "the model failed while generating") from item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            seq.cancel.set()  # no-op when finished; otherwise the worker drops it at the next step
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+        self._lc.llama_batch_free(self._batch)
+        self._lc.llama_free(self._ctx)
+
+    # --- the worker thread -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._active and not self._incoming:
+                    self._cv.wait()
+                if self._closed:
+                    break
+                admitted = [self._incoming.popleft() for _ in range(min(len(self._free), len(self._incoming)))]
+                with self._stats_lock:
+                    self.stats.queued = len(self._incoming)
+            for seq in admitted:
+                try:
+                    self._admit(seq)
+                except Exception as exc:  # the worker must survive anything one request brings
+                    log.exception("admitting a sequence failed")
+                    self._fail(seq, exc)
+            for seq in [s for s in self._active if s.cancel.is_set()]:
+                self._finish(seq, "cancelled")
+            if self._active:
+                try:
+                    self._step()
+                except Exception as exc:  # never lose a sequence silently: each one gets the error
+                    log.exception("batched decode failed")
+                    for seq in list(self._active):
+                        self._fail(seq, exc)
+        with self._cv:
+            pending = list(self._incoming) + list(self._active)
+            self._incoming.clear()
+        for seq in pending:
+            self._fail(seq, GKTError(ErrorCode.engine_error, "the teacher is shutting down"))
+
+    def _admit(self, seq: _Seq) -> None:
+        if seq.cancel.is_set():  # the client left while queued: it never reaches the engine
+            self._report(seq, self._result(seq, "cancelled"))
+            with self._stats_lock:
+                self.stats.cancelled += 1
+            return
+        # The free slot whose cache shares the longest prefix with this prompt; keep at least the last
+        # prompt token to evaluate, since its logits give the first sampled token.
+        slot = max(self._free, key=lambda s: (_common_prefix(self._slot_tokens[s], seq.tokens), -self._last_used[s]))
+        self._admissions += 1
+        self._last_used[slot] = self._admissions
+        keep = min(_common_prefix(self._slot_tokens[slot], seq.tokens), len(seq.tokens) - 1)
+        if not self._lc.llama_memory_seq_rm(self._mem, slot, keep, -1):
+            keep = 0
+            self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        self._free.discard(slot)
+        self._slot_tokens[slot] = seq.tokens[:keep]
+        seq.slot, seq.n_past, seq.cached = slot, keep, keep
+        seq.t_admit = perf_counter()
+        seq.stops = StopMatcher(seq.params.stop)
+        seq.sampler = self._sampler(seq.params)
+        self._active.append(seq)
+        with self._stats_lock:
+            self.stats.started += 1
+            self.stats.cached_prompt_tokens += keep
+            self.stats.active = len(self._active)
+
+    def _sampler(self, p: GenerationParams) -> Any:
+        lc = self._lc
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        if p.temperature == 0:
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        else:
+            # OpenAI order: temperature reshapes the distribution, then nucleus, then a seeded draw.
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(p.temperature))
+            if p.top_p < 1.0:
+                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
+            seed = p.seed if p.seed is not None else random.getrandbits(32)
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        rows: list[tuple[_Seq, int, bool]] = []  # (sequence, tokens fed, samples after this step)
+        b = self._batch
+        n = 0
+
+        def add(tok: int, pos: int, slot: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n], b.pos[n], b.n_seq_id[n], b.logits[n] = tok, pos, 1, int(logits)
+            b.seq_id[n][0] = slot
+            n += 1
+
+        for seq in self._active:
+            if seq.generating:
+                add(seq.next_token, seq.n_past, seq.slot, True)
+                rows.append((seq, 1, True))
+        for seq in self._active:
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            if not seq.generating:
+                take = min(room, len(seq.tokens) - seq.n_past)
+                for i in range(take):
+                    last = seq.n_past + i == len(seq.tokens) - 1
+                    add(seq.tokens[seq.n_past + i], seq.n_past + i, seq.slot, last)
+                rows.append((seq, take, seq.n_past + take == len(seq.tokens)))
+        b.n_tokens = n
+        t0 = perf_counter()
+        rc = self._lc.llama_decode(self._ctx, b)
+        dt = perf_counter() - t0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        prompt_fed = 0
+        for seq, fed, _ in rows:
+            if seq.generating:
+                self._slot_tokens[seq.slot].append(seq.next_token)
+            else:
+                self._slot_tokens[seq.slot].extend(seq.tokens[seq.n_past : seq.n_past + fed])
+                prompt_fed += fed
+            seq.n_past += fed
+            seq.engine_s += dt * fed / n
+        # Sample in batch order: row index i of a sampling sequence is where its logits are.
+        index = 0
+        sampled = 0
+        for seq, fed, samples in rows:
+            index += fed
+            if samples:
+                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, index - 1)
+                sampled += 1
+                self._on_token(seq, tok)
+        with self._stats_lock:
+            st = self.stats
+            st.steps += 1
+            st.busy_s += dt
+            st.prompt_tokens += prompt_fed
+            if sampled:
+                st.sampling_steps += 1
+                st.sampled_tokens += sampled
+                st.batch_sizes[sampled] = st.batch_sizes.get(sampled, 0) + 1
+                st.max_batch = max(st.max_batch, sampled)
+
+    def _on_token(self, seq: _Seq, tok: int) -> None:
+        if seq.t_first is None:
+            seq.t_first = perf_counter()
+        if self._is_eog(tok):
+            self._finish(seq, "stop")
+            return
+        seq.generated += 1
+        seq.pending += 1
+        assert seq.stops is not None
+        text, hit = seq.stops.feed(seq.decoder.decode(self._detokenize(tok)))
+        if text:
+            seq.emit(Piece(text, seq.pending))
+            seq.pending = 0
+        if hit:
+            self._finish(seq, "stop")
+        elif seq.generated >= seq.params.max_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.next_token = tok
+
+    def _result(self, seq: _Seq, finish: str) -> GenerationResult:
+        t_end = perf_counter()
+        t_admit = seq.t_admit or t_end
+        t_first = seq.t_first or t_end
+        return GenerationResult(
+            finish_reason=finish,  # type: ignore[arg-type]
+            prompt_tokens=len(seq.tokens),
+            completion_tokens=seq.generated,
+            queue_s=t_admit - seq.t_submit,
+            prompt_s=t_first - t_admit,
+            generation_s=t_end - t_first,
+            cached_prompt_tokens=seq.cached,
+            engine_s=seq.engine_s,
+        )
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.sampler is not None:
+            self._lc.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.slot >= 0:
+            self._free.add(seq.slot)  # its KV cache stays, for the next prompt with the same prefix
+        with self._stats_lock:
+            self.stats.active = len(self._active)
+
+    def _finish(self, seq: _Seq, finish: str) -> None:
+        assert seq.stops is not None
+        if finish == "length" and (tail := seq.stops.flush()):
+            seq.emit(Piece(tail, seq.pending))
+        # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
+        self._release(seq)
+        with self._stats_lock:
+            if finish == "cancelled":
+                self.stats.cancelled += 1
+            else:
+                self.stats.finished += 1
+        result = self._result(seq, finish)
+        seq.emit(result)
+        self._report(seq, result)
+
+    def _fail(self, seq: _Seq, exc: BaseException) -> None:
+        if seq.slot >= 0:  # the cache of a failed step is unknown: forget it
+            self._lc.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+            self._slot_tokens[seq.slot] = []
+        self._release(seq)
+        with self._stats_lock:
+            self.stats.failed += 1
+        seq.emit(exc)
+        self._report(seq, self._result(seq, "cancelled"))
+
+    @staticmethod
+    def _report(seq: _Seq, result: GenerationResult) -> None:
+        if seq.on_result is not None:
+            seq.on_result(result)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,118 @@
+"""The cost ledger's arithmetic: what an answer cost on each side, and what GKT saved.
+
+Price table (configurable on each service; defaults are illustrative, not quotes):
+
+| side | price | setting | default |
+|---|---|---|---|
+| teacher | per million prompt tokens | `GKT_CLOUD_PRICE_INPUT_PER_MTOK` | 0.50 |
+| teacher | per million generated (guidance) tokens | `GKT_CLOUD_PRICE_OUTPUT_PER_MTOK` | 1.50 |
+| teacher | per accelerator hour of engine time | `GKT_CLOUD_PRICE_ACCELERATOR_PER_HOUR` | 0 |
+| student | per million tokens it processes | `GKT_EDGE_PRICE_STUDENT_PER_MTOK` | 0 |
+| student | per CPU-core hour of engine time | `GKT_EDGE_PRICE_CPU_PER_HOUR` | 0.01 |
+
+Engine time on the batched llama.cpp teacher is the request's share of each decode step (the step's time
+split by the tokens each sequence had in it); on an OpenAI-compatible upstream it is the request's wall time,
+an upper bound when the upstream batches. The cloud states its cost, with the rates it used, in every
+``done`` frame and JSON result; the edge adds its own side and the counterfactual: the same answer written by
+the teacher alone (the teacher's prompt plus the whole answer as teacher output, converted to teacher tokens
+with the ratio observed on the guidance, which both sides counted).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+_MTOK = 1_000_000
+_HOUR = 3600.0
+
+
+class TeacherRates(BaseModel):
+    """The cloud's prices."""
+
+    currency: str = "USD"
+    input_per_mtok: float = 0.50
+    output_per_mtok: float = 1.50
+    accelerator_per_hour: float = 0.0
+
+    def amount(self, input_tokens: int | float, output_tokens: int | float, accelerator_s: float) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / _MTOK + (
+            accelerator_s * self.accelerator_per_hour / _HOUR
+        )
+
+
+class StudentRates(BaseModel):
+    """The edge's prices."""
+
+    per_mtok: float = 0.0
+    cpu_per_hour: float = 0.01
+
+    def amount(self, tokens: int, cpu_s: float) -> float:
+        return tokens * self.per_mtok / _MTOK + cpu_s * self.cpu_per_hour / _HOUR
+
+
+class TeacherCost(BaseModel):
+    """What one guidance answer cost the cloud (zero for a cache hit), with the rates used."""
+
+    rates: TeacherRates
+    input_tokens: int = 0
+    output_tokens: int = 0
+    accelerator_s: float = 0.0
+    amount: float = 0.0
+
+
+def teacher_cost(rates: TeacherRates, prompt_tokens: int, completion_tokens: int, engine_s: float) -> TeacherCost:
+    return TeacherCost(
+        rates=rates, input_tokens=prompt_tokens, output_tokens=completion_tokens, accelerator_s=engine_s,
+        amount=rates.amount(prompt_tokens, completion_tokens, engine_s),
+    )
+
+
+class AnswerCost(BaseModel):
+    """One answer's cost on both sides and against the teacher writing it all (``gkt.cost`` at the edge)."""
+
+    currency: str = "USD"
+    teacher: float = 0.0  # what the cloud stated for the guidance
+    student: float = 0.0  # the edge's own side
+    total: float = 0.0
+    teacher_only: float | None = None  # the counterfactual; None when no teacher prices are known
+    saved: float | None = None  # teacher_only - total
+    saved_fraction: float | None = None  # saved / teacher_only
+
+
+def answer_cost(
+    *,
+    student: StudentRates,
+    student_tokens: int,
+    student_cpu_s: float,
+    teacher: TeacherCost | None,
+    teacher_prompt_tokens: int,
+    guidance_teacher_tokens: int,
+    guidance_student_tokens: int,
+    answer_student_tokens: int,
+    teacher_wrote_all: bool = False,
+) -> AnswerCost:
+    """The answer's cost and the counterfactual.
+
+    ``answer_student_tokens`` is the whole answer in student tokens (guidance included). When the teacher
+    already wrote the whole answer (teacher mode, or it finished within k) the counterfactual is its own cost.
+    """
+    student_amount = student.amount(student_tokens, student_cpu_s)
+    teacher_amount = teacher.amount if teacher is not None else 0.0
+    total = teacher_amount + student_amount
+    if teacher is None:
+        return AnswerCost(teacher=0.0, student=student_amount, total=total)
+    rates = teacher.rates
+    if teacher_wrote_all:
+        only = rates.amount(teacher_prompt_tokens, guidance_teacher_tokens, teacher.accelerator_s)
+    else:
+        ratio = guidance_teacher_tokens / guidance_student_tokens if guidance_teacher_tokens and \
+            guidance_student_tokens else 1.0
+        output = max(answer_student_tokens * ratio, guidance_teacher_tokens)
+        # Engine time grows with the tokens written; scale the time the guidance took.
+        per_token = teacher.accelerator_s / guidance_teacher_tokens if guidance_teacher_tokens else 0.0
+        only = rates.amount(teacher_prompt_tokens, output, per_token * output)
+    saved = only - total
+    return AnswerCost(
+        currency=rates.currency, teacher=teacher_amount, student=student_amount, total=total, teacher_only=only,
+        saved=saved, saved_fraction=saved / only if only > 0 else None,
+    )

@@ -1,0 +1,139 @@
+"""Continuous batching on the real llama.cpp teacher.
+
+Sharing is read from the engine's own counters at ``/v1/stats`` (sequences sampled per decode step), never
+from timing. Each phase uses its own never-matching stop sequence so that the guidance cache (which would
+answer a repeated greedy request without the engine) cannot stand in for the engine. Scenarios: C1, C2.
+
+Greedy equality: llama.cpp does not promise bit-identical logits across batch shapes (its server docs say so
+for prompt caching; here Qwen's Q4_K_M kernels flip near-ties after 20-40 tokens, measured with and without
+weight repacking). So exact equality is tested on SmolLM2 (Q4_1), whose kernels are batch-invariant here,
+which proves the rows, sequence ids and samplers never mix; on Qwen the batched answers must agree with the
+single-sequence ones on their opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from cloud_service.engines.llama_cpp import LlamaTeacher
+from cloud_service.settings import CloudSettings
+from gkt.launcher import Service
+from shared.generation import Piece
+from shared.protocol import GuidanceRequest, SSEDecoder, parse_frame
+from tests.conftest import AUTH
+
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+PROMPTS = [
+    "Q: What is 15 + 27?\nA:",
+    "Q: Name the largest planet in the solar system.\nA:",
+    "Q: Write a haiku about rain.\nA:",
+    "Q: Why is the sea salty?\nA:",
+]
+
+
+def stats(cloud: Service) -> dict:
+    r = httpx.get(cloud.url + "/v1/stats", headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200
+    return r.json()["engine"]
+
+
+async def guidance(client: httpx.AsyncClient, prompt: str, marker: str, k: int = 24) -> str:
+    r = await client.post("/v1/guidance", json={"prompt": prompt, "max_tokens": k, "stream": False,
+                                                "stop": [marker]})
+    assert r.status_code == 200, r.text
+    return r.json()["text"]
+
+
+def delta(after: dict, before: dict) -> dict[int, int]:
+    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    return {k: v for k, v in sizes.items() if v}
+
+
+async def test_concurrent_requests_share_decode_steps(cloud: Service) -> None:
+    async with httpx.AsyncClient(base_url=cloud.url, headers=AUTH, timeout=TIMEOUT) as client:
+        alone = [await guidance(client, p, "<<alone>>") for p in PROMPTS]
+        before = stats(cloud)
+        together = await asyncio.gather(*(guidance(client, p, "<<together>>") for p in PROMPTS))
+        after = stats(cloud)
+    sizes = delta(after, before)
+    sampled = after["sampled_tokens"] - before["sampled_tokens"]
+    steps = after["sampling_steps"] - before["sampling_steps"]
+    assert sum(k * v for k, v in sizes.items()) == sampled
+    assert max(sizes) >= 2 and after["max_batch"] >= 2, sizes  # several sequences in one decode step
+    assert steps < sampled  # fewer decode steps than tokens: steps were shared
+    for a, b in zip(alone, together, strict=True):  # each answer is its own prompt's, not a neighbour's
+        assert len(a) >= 20 and a[:20] == b[:20], (a, b)
+
+
+@pytest.fixture(scope="module")
+def smol() -> Iterator[LlamaTeacher]:
+    engine = LlamaTeacher._load(CloudSettings(model="smollm2-135m-instruct", n_ctx=1024, max_in_flight=8,
+                                              n_threads=1, auth=False))
+    yield engine
+    engine.scheduler.close()
+    engine._llm.close()
+
+
+async def test_greedy_outputs_under_batching_equal_single_sequence(smol: LlamaTeacher) -> None:
+    prompts = [*PROMPTS, "The capital of France is", "def fib(n):", "Once upon a time", "1, 2, 3,"]
+
+    async def run(prompt: str) -> str:
+        parts = []
+        async for item in await smol.open(GuidanceRequest(prompt=prompt, max_tokens=32)):
+            parts.append(item.text if isinstance(item, Piece) else "")
+        return "".join(parts)
+
+    alone = [await run(p) for p in prompts]
+    before = smol.stats
+    together = await asyncio.gather(*(run(p) for p in prompts))
+    after = smol.stats
+    assert together == alone and all(alone)
+    assert after["max_batch"] == len(prompts)  # all eight shared steps
+    assert after["sampling_steps"] - before["sampling_steps"] < after["sampled_tokens"] - before["sampled_tokens"]
+
+
+async def test_disconnect_stops_its_sequence_without_disturbing_others(cloud: Service) -> None:
+    """C1/C2: a client that goes away mid-stream is dropped at the next step; the other stream is intact."""
+    async with httpx.AsyncClient(base_url=cloud.url, headers=AUTH, timeout=TIMEOUT) as client:
+        expected = await guidance(client, PROMPTS[3], "<<ref>>", k=40)
+        before = stats(cloud)
+
+        async def leave_early() -> int:
+            body = {"prompt": "Q: Tell me a very long story.\nA:", "max_tokens": 200, "stop": ["<<gone>>"]}
+            async with client.stream("POST", "/v1/guidance", json=body) as r:
+                dec, tokens = SSEDecoder(), 0
+                async for chunk in r.aiter_raw():
+                    for data in dec.feed(chunk):
+                        frame = parse_frame(data)
+                        tokens += frame.tokens if frame.type == "token" else 0
+                    if tokens >= 3:
+                        return tokens  # closing the response disconnects
+            raise AssertionError("stream ended before the client left")
+
+        left, kept = await asyncio.gather(leave_early(), guidance(client, PROMPTS[3], "<<kept>>", k=40))
+        for _ in range(100):  # the engine notices at its next step
+            after = stats(cloud)
+            if after["cancelled"] > before["cancelled"] and after["active"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        usage = (await client.get("/v1/usage")).json()
+    assert kept == expected and left >= 3
+    assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0
+    # The abandoned stream generated far fewer than its 200 tokens, and what it did generate is charged.
+    assert after["sampled_tokens"] - before["sampled_tokens"] < 200
+    assert usage["cancelled"] >= 1
+
+
+async def test_continues_a_final_assistant_message(cloud: Service) -> None:
+    """The partial answer's trailing space is cut from the prompt and from the continuation."""
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                         {"role": "assistant", "content": "The capital of France is "}],
+            "max_tokens": 4, "stream": False}
+    r = httpx.post(cloud.url + "/v1/guidance", json=body, headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    text = r.json()["text"]
+    assert text.startswith("Paris"), text

@@ -1,0 +1,93 @@
+"""The cost ledger's arithmetic, and each answer's cost end to end (streamed and whole) on the real models."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from gkt.launcher import Service
+from shared.cost import StudentRates, TeacherRates, answer_cost, teacher_cost
+from tests.conftest import AUTH
+
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+RATES = TeacherRates(input_per_mtok=1.0, output_per_mtok=4.0, accelerator_per_hour=3.6)
+
+
+def test_teacher_cost_arithmetic() -> None:
+    c = teacher_cost(RATES, prompt_tokens=1_000, completion_tokens=500, engine_s=2.0)
+    # 1000 * 1/1e6 + 500 * 4/1e6 + 2 s * 3.6/3600 = 0.001 + 0.002 + 0.002
+    assert c.amount == pytest.approx(0.005)
+    assert (c.input_tokens, c.output_tokens, c.accelerator_s) == (1_000, 500, 2.0)
+    assert teacher_cost(TeacherRates(), 0, 0, 0.0).amount == 0
+
+
+def test_answer_cost_and_saving() -> None:
+    guidance = teacher_cost(RATES, prompt_tokens=1_000, completion_tokens=40, engine_s=1.0)
+    cost = answer_cost(
+        student=StudentRates(per_mtok=0.5, cpu_per_hour=36.0), student_tokens=1_200, student_cpu_s=0.5,
+        teacher=guidance, teacher_prompt_tokens=1_000, guidance_teacher_tokens=40, guidance_student_tokens=50,
+        answer_student_tokens=150,
+    )
+    student = 1_200 * 0.5 / 1e6 + 0.5 * 36.0 / 3600  # 0.0006 + 0.005
+    # The whole answer is 150 student tokens = 120 teacher tokens at the guidance's ratio 40/50;
+    # engine time scales from 1 s for 40 tokens to 3 s for 120.
+    only = 1_000 * 1.0 / 1e6 + 120 * 4.0 / 1e6 + 3.0 * 3.6 / 3600
+    assert cost.student == pytest.approx(student)
+    assert cost.teacher == pytest.approx(guidance.amount) == pytest.approx(0.001 + 0.00016 + 0.001)
+    assert cost.total == pytest.approx(guidance.amount + student)
+    assert cost.teacher_only == pytest.approx(only)
+    assert cost.saved == pytest.approx(only - cost.total)
+    assert cost.saved_fraction == pytest.approx((only - cost.total) / only)
+
+
+def test_answer_cost_edge_cases() -> None:
+    alone = answer_cost(student=StudentRates(cpu_per_hour=3.6), student_tokens=10, student_cpu_s=1.0, teacher=None,
+                        teacher_prompt_tokens=0, guidance_teacher_tokens=0, guidance_student_tokens=0,
+                        answer_student_tokens=10)
+    assert alone.total == pytest.approx(0.001) and alone.teacher_only is None and alone.saved is None
+    t = teacher_cost(RATES, 100, 30, 0.5)
+    wrote_all = answer_cost(student=StudentRates(), student_tokens=0, student_cpu_s=0.0, teacher=t,
+                            teacher_prompt_tokens=100, guidance_teacher_tokens=30, guidance_student_tokens=0,
+                            answer_student_tokens=0, teacher_wrote_all=True)
+    assert wrote_all.teacher_only == pytest.approx(t.amount) and wrote_all.saved == pytest.approx(0)
+
+
+def _check(gkt: dict, cloud_usage: dict) -> None:
+    u, c = gkt["usage"], gkt["cost"]
+    assert c["teacher"] > 0 and c["student"] > 0
+    assert c["total"] == pytest.approx(c["teacher"] + c["student"])
+    assert c["saved"] == pytest.approx(c["teacher_only"] - c["total"])
+    # The teacher's side is what the cloud's ledger charged this key for the guidance.
+    assert cloud_usage["completion_tokens"] == u["teacher_tokens"]
+    assert cloud_usage["cost"] == pytest.approx(c["teacher"])
+
+
+def usage(cloud: Service) -> dict:
+    return httpx.get(cloud.url + "/v1/usage", headers=AUTH, timeout=TIMEOUT).json()
+
+
+def diff(after: dict, before: dict) -> dict:
+    return {k: after[k] - before[k] for k in ("completion_tokens", "cost")}
+
+
+def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -> None:
+    body = {"messages": [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
+            "guidance_tokens": 12, "max_tokens": 60, "temperature": 0.7}  # sampled: never a cache hit
+    before = usage(cloud)
+    r = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    _check(r.json()["gkt"], diff(usage(cloud), before))
+
+    # Streamed: the final chunk carries the same accounting, and the ledger agrees.
+    before = usage(cloud)
+    client = OpenAI(base_url=edge.url + "/v1", api_key="unused", timeout=600)
+    final = None
+    for chunk in client.chat.completions.create(model="gkt", stream=True, **{k: v for k, v in body.items()
+                                                if k in ("messages", "max_tokens", "temperature")},
+                                                extra_body={"guidance_tokens": 12}):
+        if chunk.choices and chunk.choices[0].finish_reason:
+            final = chunk.model_extra["gkt"]
+    assert final is not None
+    _check(final, diff(usage(cloud), before))
+    assert final["cost"]["teacher_only"] > final["cost"]["teacher"]

