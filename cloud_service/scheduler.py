@@ -389,8 +389,10 @@ class BatchScheduler:
             else:
                 self.stats.finished += 1
         result = self._result(seq, finish)
-        seq.emit(result)
+        # Ledger first: both go through the loop in order, so the accounting is done before the client
+        # can see the end of its answer (and ask for its usage).
         self._report(seq, result)
+        seq.emit(result)
 
     def _fail(self, seq: _Seq, exc: BaseException) -> None:
         if seq.slot >= 0:  # the cache of a failed step is unknown: forget it
@@ -399,8 +401,8 @@ class BatchScheduler:
         self._release(seq)
         with self._stats_lock:
             self.stats.failed += 1
-        seq.emit(exc)
         self._report(seq, self._result(seq, "cancelled"))
+        seq.emit(exc)
 
     @staticmethod
     def _report(seq: _Seq, result: GenerationResult) -> None:

@@ -231,6 +231,7 @@ async def test_cost_is_stated_and_ledgered_streamed_or_not(teacher: LlamaTeacher
         assert cost["input_tokens"] == tokens["prompt_tokens"] and cost["output_tokens"] == tokens["completion_tokens"]
         assert cost["accelerator_s"] > 0 and cost["amount"] == pytest.approx(expected)
         assert cost["rates"]["output_per_mtok"] == 8.0
+    assert usage["requests"] == 2, usage
     assert usage["cost"] == pytest.approx(whole["cost"]["amount"] + done.cost.amount)
     assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] + done.usage.completion_tokens
 
