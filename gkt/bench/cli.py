@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-model", help="model name at the vLLM server (default: its first)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                    help="run only these groups of measurements (default: all)")
+    p.add_argument("--data", type=Path, default=os.environ.get("GKT_BENCH_DATA"),
+                   help="a GSM8K jsonl file whose questions to ask (default: built-in GSM8K-style questions)")
     p.add_argument("--no-pin", action="store_true", help="do not pin cloud and edge to separate cores")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"), help="where to write the JSON results")
     p.add_argument("--logs", type=Path, default=Path(".bench-logs"), help="service logs")
@@ -36,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config(args: argparse.Namespace) -> BenchConfig:
     kw = {k: v for k, v in {"teacher": args.teacher, "student": args.student, "rounds": args.rounds,
                             "questions": args.questions, "vllm_url": args.vllm_url,
-                            "vllm_model": args.vllm_model}.items() if v is not None}
+                            "vllm_model": args.vllm_model, "data": args.data}.items() if v is not None}
     kw |= {"pin": not args.no_pin, "log_dir": args.logs, "sections": tuple(args.sections)}
     return BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
 

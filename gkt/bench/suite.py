@@ -42,7 +42,7 @@ QUESTIONS = [
 
 
 # Groups of measurements, in the order they run ("prefix" needs fresh services, so it comes first).
-SECTIONS = ("prefix", "overhead", "batching", "answers")
+SECTIONS = ("prefix", "overhead", "batching", "answers", "handoff")
 
 
 @dataclass
@@ -65,7 +65,8 @@ class BenchConfig:
     vllm_url: str | None = None
     vllm_model: str | None = None
     pin: bool = True
-    sections: tuple[str, ...] = ("prefix", "overhead", "batching", "answers")
+    data: Path | None = None  # a GSM8K jsonl file: its first questions replace the built-in ones
+    sections: tuple[str, ...] = SECTIONS
     log_dir: Path = field(default_factory=lambda: Path(".bench-logs"))
 
     @classmethod
@@ -102,6 +103,7 @@ class Bench:
         self.lines: list[Line] = []
         self.extra: dict[str, Any] = {}
         self.http = httpx.AsyncClient()
+        self.questions = questions(cfg.data)
 
     # --- services ------------------------------------------------------------------------------------------
 
@@ -137,11 +139,14 @@ class Bench:
 
     # --- helpers -------------------------------------------------------------------------------------------
 
+    def question(self, i: int) -> str:
+        return self.questions[i % len(self.questions)]
+
     def prompt(self, i: int) -> str:
-        return GSM8K.build_prompt(QUESTIONS[i % len(QUESTIONS)])
+        return GSM8K.build_prompt(self.question(i))
 
     def task_body(self, i: int, **kw: Any) -> dict[str, Any]:
-        return {"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], "task": "gsm8k",
+        return {"messages": [{"role": "user", "content": self.question(i)}], "task": "gsm8k",
                 "temperature": 0, "max_tokens": self.cfg.answer_tokens, **kw}
 
     async def concurrent(self, n: int, make: Callable[[int], Awaitable[Stream]]) -> list[Stream]:
@@ -267,12 +272,16 @@ class Bench:
     async def warm_task_prefix(self) -> None:
         """One unmeasured task request, so the few-shot prefix is warm on both sides before whole answers are
         timed (other measurements used other prompts in between)."""
-        await edge_stream(self.http, self.edge.url, self.task_body(99, mode="gkt", guidance_tokens=2, max_tokens=4))
+        for url in (self.edge.url, self.edge_slow.url):
+            await edge_stream(self.http, url, self.task_body(99, mode="gkt", guidance_tokens=2, max_tokens=4))
 
     async def work_per_answer(self) -> None:
         cfg = self.cfg
         gkt_s, teacher_s = [], []
         for i in range(cfg.questions):
+            # Both modes must find the teacher's cache in the same state: put this prompt there first.
+            await cloud_guidance(self.http, self.cloud.url, {"prompt": self.prompt(10 + i), "max_tokens": 1,
+                                                             "temperature": 0})
             for mode, out in (("gkt", gkt_s), ("teacher", teacher_s)):
                 s = await edge_stream(self.http, self.edge.url,
                                       self.task_body(10 + i, mode=mode, guidance_tokens=cfg.work_k))
@@ -321,8 +330,9 @@ class Bench:
         cfg = self.cfg
         fast, slow, cached, total = [], [], [], []
         for i in range(max(2, cfg.questions)):
+            # Each edge sees each question once (a repeat would find prompt and guidance cached); the teacher
+            # writes the same guidance for both (canonical batches make it independent of its cache).
             body = self.task_body(40 + i, guidance_tokens=cfg.work_k)
-            await edge_stream(self.http, self.edge_slow.url, body)  # same teacher cache state for both
             for url, out in ((self.edge.url, fast), (self.edge_slow.url, slow)):
                 s = await edge_stream(self.http, url, body)
                 out.append(s.final["timings"]["handoff_gap_s"])
@@ -372,9 +382,20 @@ class Bench:
             await self.work_per_answer()
             await self.latency()
             await self.ttft()
+        if "handoff" in cfg.sections:
+            await self.warm_task_prefix()
             await self.handoff()
         self.memory()
         await self.http.aclose()
+
+
+def questions(path: Path | None) -> list[str]:
+    """The first GSM8K questions of ``path`` (answers of realistic length), else the built-in ones."""
+    if path is not None and path.is_file():
+        found = [ex.question for ex, _ in zip(GSM8K.load(path), range(64), strict=False)]
+        if found:
+            return found
+    return QUESTIONS
 
 
 def peak_rss_gib(pid: int | None) -> float | None:
