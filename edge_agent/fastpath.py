@@ -39,6 +39,7 @@ class Prefetcher:
         self._target: list[int] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self, prompt_tokens: list[int]) -> None:
         self._offer(prompt_tokens[:-1])
@@ -60,26 +61,26 @@ class Prefetcher:
             log.exception("prefetch failed; the student processes the prompt at the handoff")
 
     async def _prefetch(self) -> None:
-        while True:
+        # ``_closed`` ends the loop even if a cancellation were lost; no ``asyncio.wait_for`` here, because on
+        # Python 3.11 it can swallow a cancellation that arrives as its inner wait completes.
+        while not self._closed:
             await self._wake.wait()
             self._wake.clear()
             target = self._target
-            if not target:
+            if not target or self._closed:
                 continue
             done = await self.engine.prefill(target, owner=self)
-            if done is None:  # busy with someone else: ask again shortly unless new text wakes us first
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), RETRY_S)
-                self._wake.set()
-                continue
-            self.cached = done
-            if done < len(target) and target is self._target:
-                # Stopped early by a generation that needed the context; try again when it is idle.
+            if done is None or done < len(target):
+                # Busy with another request, or stopped early by a generation: ask again shortly.
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
+            if done is not None:
+                self.cached = done
 
     async def close(self) -> None:
         """Stop prefetching (an in-flight chunk is abandoned at its boundary) and free the warm slot."""
+        self._closed = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from edge_agent.fastpath import Prefetcher
 from gkt.launcher import Service, edge_service, free_port
 from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import (
@@ -187,6 +188,32 @@ async def test_greedy_output_does_not_depend_on_what_was_cached_q4_k_m() -> None
             assert got == want, cut
     finally:
         engine.close()
+
+
+async def test_concurrent_requests_with_prefetchers_all_finish(engine: LlamaEngine) -> None:
+    """Four requests at once, each with a prefetcher fed guidance while the others generate (as in the bench's
+    four-user run): every prefetcher closes, every generation completes with its cold answer."""
+    prompts = [few_shot(q) for q in ("Ann has 4 cats.", "Bob has 7 dogs.", "Cid has 2 cows.", "Dee has 9 hens.")]
+    want = []
+    for p in prompts:
+        cold(engine)
+        want.append((await generate(engine, engine.tokenize(p + " The answer", special=False)))[0])
+
+    async def request(i: int) -> str:
+        prefetch = Prefetcher(engine, prompts[i], special=False)
+        prefetch.start(engine.tokenize(prompts[i], special=False))
+        try:
+            for released in (" The", " The answer"):
+                await asyncio.sleep(0.05 * (i + 1))
+                prefetch.guidance(released)
+        finally:
+            await prefetch.close()
+        text, _ = await generate(engine, engine.tokenize(prompts[i] + " The answer", special=False))
+        return text
+
+    got = await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(4))), 600)  # a hang guard only
+    assert got == want
+    assert engine._warm_owner is None
 
 
 # --- end to end on the default models --------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gkt.bench.report import load_average, machine, memory_bandwidth_gbs, render, write_json
-from gkt.bench.suite import Bench, BenchConfig
+from gkt.bench.suite import SECTIONS, Bench, BenchConfig
 from shared.models import REGISTRY, resolve
 
 
@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-url", default=os.environ.get("GKT_BENCH_VLLM_URL"),
                    help="an OpenAI-compatible vLLM base URL (…/v1): also measure gkt's cloud in front of it")
     p.add_argument("--vllm-model", help="model name at the vLLM server (default: its first)")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+                   help="run only these groups of measurements (default: all)")
+    p.add_argument("--data", type=Path, default=os.environ.get("GKT_BENCH_DATA"),
+                   help="a GSM8K jsonl file whose questions to ask (default: built-in GSM8K-style questions)")
     p.add_argument("--no-pin", action="store_true", help="do not pin cloud and edge to separate cores")
     p.add_argument("--out", type=Path, default=Path("bench-results.json"), help="where to write the JSON results")
     p.add_argument("--logs", type=Path, default=Path(".bench-logs"), help="service logs")
@@ -34,8 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config(args: argparse.Namespace) -> BenchConfig:
     kw = {k: v for k, v in {"teacher": args.teacher, "student": args.student, "rounds": args.rounds,
                             "questions": args.questions, "vllm_url": args.vllm_url,
-                            "vllm_model": args.vllm_model}.items() if v is not None}
-    kw |= {"pin": not args.no_pin, "log_dir": args.logs}
+                            "vllm_model": args.vllm_model, "data": args.data}.items() if v is not None}
+    kw |= {"pin": not args.no_pin, "log_dir": args.logs, "sections": tuple(args.sections)}
     return BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
 
 
