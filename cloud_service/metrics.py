@@ -11,17 +11,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from cloud_service.engine import Generation
-from shared.errors import ErrorCode, GKTError
+from shared.errors import GKTError
 from shared.generation import GenerationResult, Piece
-from shared.metrics import BATCH_SIZE_BUCKETS, LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
-
-OK, REJECTED, REFUSED, ERROR, CANCELLED = "ok", "rejected", "refused", "error", "cancelled"
-
-
-def outcome_of(err: GKTError) -> str:
-    if err.code is ErrorCode.overloaded:
-        return REFUSED
-    return REJECTED if err.status < 500 else ERROR
+from shared.metrics import (
+    BATCH_SIZE_BUCKETS,
+    CANCELLED,
+    ERROR,
+    LATENCY_BUCKETS,
+    OK,
+    TOKENS_PER_SECOND_BUCKETS,
+    outcome_of,
+)
 
 
 class CloudMetrics:

@@ -32,7 +32,7 @@ from time import perf_counter
 from typing import Any
 
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher
+from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
 
 log = logging.getLogger("gkt.scheduler")
 
@@ -238,10 +238,10 @@ class BatchScheduler:
             return
         # The free slot whose cache shares the longest prefix with this prompt; keep at least the last
         # prompt token to evaluate, since its logits give the first sampled token.
-        slot = max(self._free, key=lambda s: (_common_prefix(self._slot_tokens[s], seq.tokens), -self._last_used[s]))
+        slot = max(self._free, key=lambda s: (common_prefix(self._slot_tokens[s], seq.tokens), -self._last_used[s]))
         self._admissions += 1
         self._last_used[slot] = self._admissions
-        keep = min(_common_prefix(self._slot_tokens[slot], seq.tokens), len(seq.tokens) - 1)
+        keep = min(common_prefix(self._slot_tokens[slot], seq.tokens), len(seq.tokens) - 1)
         if not self._lc.llama_memory_seq_rm(self._mem, slot, keep, -1):
             keep = 0
             self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
@@ -409,11 +409,3 @@ class BatchScheduler:
         if seq.on_result is not None:
             seq.on_result(result)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -9,18 +9,17 @@ from time import perf_counter
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.pipeline import Delta, Summary
-from shared.errors import ErrorCode, GKTError
-from shared.metrics import LATENCY_BUCKETS, TOKENS_PER_SECOND_BUCKETS
-
-# outcome label values
-OK, FALLBACK, PARTIAL, REJECTED, REFUSED, ERROR, CANCELLED = (
-    "ok", "fallback", "partial", "rejected", "refused", "error", "cancelled")
-
-
-def outcome_of(err: GKTError) -> str:
-    if err.code is ErrorCode.overloaded:
-        return REFUSED
-    return REJECTED if err.status < 500 else ERROR
+from shared.errors import GKTError
+from shared.metrics import (
+    CANCELLED,
+    ERROR,
+    FALLBACK,
+    LATENCY_BUCKETS,
+    OK,
+    PARTIAL,
+    TOKENS_PER_SECOND_BUCKETS,
+    outcome_of,
+)
 
 
 class EdgeMetrics:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shared.errors import ErrorCode, GKTError
 
@@ -102,3 +102,13 @@ def context_error(n_ctx: int, prompt_tokens: int, max_tokens: int, param: str) -
         f"{max_tokens} more were requested ({prompt_tokens + max_tokens} in total).",
         param=param,
     )
+
+
+def common_prefix(a: Any, b: list[int]) -> int:
+    """Length of the common leading run of two token sequences (what a KV cache can keep)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -31,7 +31,7 @@ from time import perf_counter
 from typing import Any
 
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, context_error
+from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix, context_error
 
 # Tokens per prefill decode: small enough that a generation which arrives waits at most one chunk
 # (about 0.1-0.3 s for the 0.5B student on one thread), large enough to keep prompt processing batched.
@@ -274,7 +274,7 @@ class LlamaEngine(LlamaText):
             raise
 
     def _note_prompt(self, tokens: list[int]) -> None:
-        shared = max((_common_prefix(p, tokens) for p in self._recent), default=0)
+        shared = max((common_prefix(p, tokens) for p in self._recent), default=0)
         if shared >= HOT_PREFIX_MIN:
             self.hot_prefix = tokens[:shared]
         self._recent.append(tokens)
@@ -304,7 +304,7 @@ class LlamaEngine(LlamaText):
         prefilled or interrupted before: greedy output is the same with or without prefix reuse and the
         fast path."""
         llm = self._llm
-        reuse = min(_common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon)
+        reuse = min(common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon)
         if final:
             reuse = min(reuse, len(tokens) - 1)
         elif reuse >= len(tokens):
@@ -368,7 +368,7 @@ class LlamaEngine(LlamaText):
         llm = self._llm
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         t0 = perf_counter()
-        cached = min(_common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon, len(tokens) - 1)
+        cached = min(common_prefix(llm._input_ids[: llm.n_tokens], tokens), self._canon, len(tokens) - 1)
         if self._eval(tokens, cancel, final=True) < len(tokens):  # cancelled while processing the prompt
             return GenerationResult(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0,
                                     prompt_s=perf_counter() - t0, cached_prompt_tokens=cached)
@@ -424,11 +424,3 @@ class LlamaEngine(LlamaText):
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
 
-
-def _common_prefix(a: Any, b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -9,6 +9,8 @@ from __future__ import annotations
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from shared.errors import ErrorCode, GKTError
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
@@ -16,3 +18,16 @@ BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 def metrics_response(registry: CollectorRegistry) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# Outcome label values of the request counters on both services.
+OK, FALLBACK, PARTIAL, REJECTED, REFUSED, ERROR, CANCELLED = (
+    "ok", "fallback", "partial", "rejected", "refused", "error", "cancelled")
+_REFUSALS = frozenset({ErrorCode.overloaded, ErrorCode.rate_limited, ErrorCode.draining, ErrorCode.circuit_open})
+
+
+def outcome_of(err: GKTError) -> str:
+    """refused (come back later), rejected (the request is wrong) or error (our fault)."""
+    if err.code in _REFUSALS:
+        return REFUSED
+    return REJECTED if err.status < 500 else ERROR
