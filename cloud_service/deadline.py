@@ -38,10 +38,19 @@ async def bounded(generation: Generation, deadline: float) -> AsyncIterator[Piec
                 return
             yield item
     finally:
-        with anyio.CancelScope(shield=True):  # see GuidanceService.sse: the cleanup must run to its end
-            if pending is not None and not pending.done():
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
-            with contextlib.suppress(Exception):
-                await generation.aclose()  # type: ignore[attr-defined]
+        await stop(pending, generation)
+
+
+async def stop(pending: asyncio.Future | None, generation: Generation) -> None:
+    """Cancel a pending step and close the generation, which stops the engine's work for it.
+
+    Shielded: after a client disconnect Starlette cancels the calling task's scope at every await, and the
+    engine (or the upstream HTTP stream) must really be stopped, not abandoned halfway.
+    """
+    with anyio.CancelScope(shield=True):
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        with contextlib.suppress(Exception):
+            await generation.aclose()  # type: ignore[attr-defined]

@@ -15,12 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-import anyio
-
 from cloud_service.admission import Admission
 from cloud_service.auth import RateLimiter
 from cloud_service.cache import CachedGuidance, GuidanceCache
-from cloud_service.deadline import bounded
+from cloud_service.deadline import bounded, stop
 from cloud_service.engine import Generation, Guarded, TeacherEngine
 from cloud_service.ledger import Ledger
 from cloud_service.metrics import CloudMetrics
@@ -194,15 +192,7 @@ class GuidanceService:
             yield encode_frame(ErrorFrame.from_error(seq, err))
         finally:
             drained.cancel()
-            # Shielded: after a client disconnect Starlette cancels this task's scope at every await, and
-            # the engine (or the upstream HTTP stream) must really be stopped, not abandoned halfway.
-            with anyio.CancelScope(shield=True):
-                if pending is not None and not pending.done():
-                    pending.cancel()
-                    with contextlib.suppress(BaseException):
-                        await pending
-                with contextlib.suppress(Exception):
-                    await generation.aclose()  # type: ignore[attr-defined]
+            await stop(pending, generation)
 
     async def collect(self, generation: Generation) -> GuidanceResult:
         """The whole guidance as one result."""
