@@ -33,6 +33,7 @@ from typing import Any
 
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
+from shared.words import WordEnd
 
 log = logging.getLogger("gkt.scheduler")
 
@@ -85,6 +86,7 @@ class _Seq:
     sampler: Any = None
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     stops: StopMatcher | None = None
+    word_end: WordEnd | None = None
 
     @property
     def generating(self) -> bool:
@@ -250,6 +252,8 @@ class BatchScheduler:
         seq.slot, seq.n_past, seq.cached = slot, keep, keep
         seq.t_admit = perf_counter()
         seq.stops = StopMatcher(seq.params.stop)
+        if seq.params.word_end_after is not None:
+            seq.word_end = WordEnd(seq.params.word_end_after)
         seq.sampler = self._sampler(seq.params)
         self._active.append(seq)
         with self._stats_lock:
@@ -338,9 +342,13 @@ class BatchScheduler:
             self._finish(seq, "stop")
             return
         seq.generated += 1
+        raw = seq.decoder.decode(self._detokenize(tok))
+        if seq.word_end is not None and seq.word_end.stop_before(raw):
+            self._finish(seq, "length")  # this token opens the next word: generated, not sent
+            return
         seq.pending += 1
         assert seq.stops is not None
-        text, hit = seq.stops.feed(seq.decoder.decode(self._detokenize(tok)))
+        text, hit = seq.stops.feed(raw)
         if text:
             seq.emit(Piece(text, seq.pending))
             seq.pending = 0

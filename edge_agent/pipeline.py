@@ -1,7 +1,7 @@
 """One request = one plan, run as a stream of deltas that say who wrote them, then a summary.
 
-gkt mode: the cloud streams the teacher's first k tokens; the seam releases them at safe boundaries (the
-user sees them as they arrive); the student's own prompt plus the released guidance becomes the start of
+gkt mode: the cloud streams the teacher's first k tokens, finishing the last word; the seam releases them as
+they arrive (the user sees them at once); the student's own prompt plus the released guidance becomes the start of
 the student's answer, and the student finishes it with the user's settings. If the cloud cannot be reached
 or refuses, the student answers alone (``fallback``); if the guidance stream breaks, the student continues
 from what arrived (``partial``). Either way the answer is not lost.
@@ -166,7 +166,7 @@ class Pipeline:
             try:
                 guidance = GuidanceRequest(
                     messages=messages, prompt=raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
-                    seed=req.seed, stop=stop, stream=True,
+                    seed=req.seed, stop=stop, stream=True, whole_words=mode == "gkt",
                 )
             except ValidationError as exc:  # e.g. a teacher-mode answer longer than the wire protocol allows
                 first = exc.errors()[0]

@@ -17,6 +17,9 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Whole words (shared/words.py): after this many tokens, stop at the next word boundary; ``max_tokens``
+    # stays the hard cap.
+    word_end_after: int | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from shared.cost import TeacherCost
 from shared.errors import ErrorCode, GKTError
+from shared.words import WORD_ALLOWANCE
 
 PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "X-GKT-Protocol"
@@ -87,6 +88,12 @@ class GuidanceRequest(SamplingParams):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     prompt: str | None = Field(None, description="Raw prompt, continued as is.")
     max_tokens: int = Field(40, ge=1, le=8192, description="k: how many teacher tokens to write.")
+    whole_words: bool = Field(
+        False,
+        description="After k tokens, go on to the end of the word (at most shared.words.WORD_ALLOWANCE more "
+        "tokens) so that every character sent is final guidance; the token that opens the next word is "
+        "generated but not sent.",
+    )
     stream: bool = Field(True, description="Server-sent events when true, one JSON result when false.")
     timeout_ms: int | None = Field(
         None, ge=1, le=3_600_000, description="The caller's remaining budget; the cloud stops at it (T4)."
@@ -102,6 +109,14 @@ class GuidanceRequest(SamplingParams):
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
         return self
+
+    def budget(self, room: int | None = None) -> tuple[int, int | None]:
+        """(max_tokens for the engine, word_end_after): k, plus the word allowance as far as ``room`` (the
+        context left after the prompt) allows when whole words are asked for."""
+        if not self.whole_words:
+            return self.max_tokens, None
+        extra = WORD_ALLOWANCE if room is None else max(0, min(WORD_ALLOWANCE, room - self.max_tokens))
+        return self.max_tokens + extra, self.max_tokens
 
     @property
     def continues(self) -> bool:

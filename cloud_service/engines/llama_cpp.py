@@ -66,9 +66,10 @@ class LlamaTeacher:
         else:
             tokens, param = self.text.tokenize(request.prompt or "", special=False), "prompt"
         self.text.check_fits(len(tokens), request.max_tokens, param)
+        budget, word_end_after = request.budget(self.text.n_ctx - len(tokens))
         params = GenerationParams(
-            max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, stop=request.stop,
+            max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
+            seed=request.seed, stop=request.stop, word_end_after=word_end_after,
         )
         stream = self.scheduler.stream(tokens, params, on_result)
         return stream if cut is None else _cut_leading(stream, cut)

@@ -23,6 +23,7 @@ from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
+from shared.words import WordEnd
 
 _MAX_UPSTREAM_MESSAGE = 500
 
@@ -69,7 +70,7 @@ class OpenAITeacher:
     def _body(self, request: GuidanceRequest) -> tuple[str, dict[str, Any], TrailingWhitespace | None]:
         body: dict[str, Any] = {
             "model": self.model_name,
-            "max_tokens": request.max_tokens,
+            "max_tokens": request.budget()[0],
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stream": True,
@@ -106,12 +107,14 @@ class OpenAITeacher:
             finally:
                 await resp.aclose()
             raise _status_error(resp.status_code, raw, resp.headers.get("retry-after"))
-        stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, on_result=on_result)
+        word_end = WordEnd(request.max_tokens) if request.whole_words else None
+        stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, word_end=word_end,
+                              on_result=on_result)
         return Guarded(stream, resp.aclose)  # the connection is released even if nobody reads the stream
 
     async def _stream(
         self, resp: httpx.Response, t0: float, *, chat: bool, cut: TrailingWhitespace | None,
-        on_result: OnResult | None,
+        word_end: WordEnd | None, on_result: OnResult | None,
     ) -> AsyncIterator[Piece | GenerationResult]:
         decoder = SSEDecoder()
         pieces = carried = 0
@@ -150,6 +153,9 @@ class OpenAITeacher:
                                 t_first = t_first or perf_counter()
                                 pieces += 1
                                 text = cut.feed(text) if cut is not None else text
+                                if word_end is not None and word_end.stop_before(text):
+                                    done, finish = True, "length"  # opens the next word: not sent
+                                    break
                                 if text:
                                     yield Piece(text, 1 + carried)
                                     carried = 0
@@ -157,6 +163,8 @@ class OpenAITeacher:
                                     carried += 1  # all cut: counted with the next piece
                             if reason := choice.get("finish_reason"):
                                 finish = "length" if reason == "length" else "stop"
+                        if done:
+                            break
                     if done:
                         break
             except httpx.TimeoutException as exc:

@@ -325,7 +325,7 @@ class Bench:
         d = median(diffs)
         self.add(Line("time to first token: edge (gkt) minus cloud's own", d, 0.020, "<=", unit="s",
                       measured={"edge_ttft_minus_cloud_ttft_s": d, "seam_holdback_s": median(holds)},
-                      note="the seam holds the first word until the teacher's next token shows where it ends"))
+                      note="edge planning, the hop to the cloud and back, and any text the seam holds"))
 
     async def handoff(self) -> None:
         cfg = self.cfg
