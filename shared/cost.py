@@ -20,7 +20,10 @@ with the ratio observed on the guidance, which both sides counted).
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field
 
 _MTOK = 1_000_000
 _HOUR = 3600.0
@@ -48,6 +51,63 @@ class StudentRates(BaseModel):
 
     def amount(self, tokens: int, cpu_s: float) -> float:
         return tokens * self.per_mtok / _MTOK + cpu_s * self.cpu_per_hour / _HOUR
+
+
+# Every price by the name reports accept (``gkt eval --price name=value``), with the environment variable the
+# services read it from and where it lives, so a report prices answers exactly as the running services do.
+PRICE_NAMES: dict[str, tuple[str, str, str]] = {
+    "teacher_input": ("GKT_CLOUD_PRICE_INPUT_PER_MTOK", "teacher", "input_per_mtok"),
+    "teacher_output": ("GKT_CLOUD_PRICE_OUTPUT_PER_MTOK", "teacher", "output_per_mtok"),
+    "teacher_accelerator_hour": ("GKT_CLOUD_PRICE_ACCELERATOR_PER_HOUR", "teacher", "accelerator_per_hour"),
+    "student_token": ("GKT_EDGE_PRICE_STUDENT_PER_MTOK", "student", "per_mtok"),
+    "student_cpu_hour": ("GKT_EDGE_PRICE_CPU_PER_HOUR", "student", "cpu_per_hour"),
+}
+
+
+class PriceTable(BaseModel):
+    """Both sides' rates, for pricing recorded answers again (the evaluation's cost columns)."""
+
+    teacher: TeacherRates = Field(default_factory=TeacherRates)
+    student: StudentRates = Field(default_factory=StudentRates)
+
+    def answer(self, *, teacher_prompt_tokens: int, teacher_tokens: int, teacher_engine_s: float,
+               student_tokens: int, student_cpu_s: float) -> float:
+        """One answer's cost on both sides, as the services compute it."""
+        return (self.teacher.amount(teacher_prompt_tokens, teacher_tokens, teacher_engine_s)
+                + self.student.amount(student_tokens, student_cpu_s))
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(getattr(self, side), attr) for name, (_, side, attr) in PRICE_NAMES.items()}
+
+    @classmethod
+    def resolve(cls, overrides: list[str] | None = None, environ: Mapping[str, str] | None = None) -> PriceTable:
+        """Defaults, then the services' ``GKT_*_PRICE_*`` variables, then ``name=value`` overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, float] = {}
+        for name, (var, _, _) in PRICE_NAMES.items():
+            if (raw := env.get(var)) is not None:
+                values[name] = _price(var, raw)
+        for item in overrides or []:
+            name, sep, raw = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in PRICE_NAMES:
+                raise ValueError(f"a price is name=value with name one of {', '.join(PRICE_NAMES)}: {item!r}")
+            values[name] = _price(name, raw)
+        sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
+        for name, value in values.items():
+            _, side, attr = PRICE_NAMES[name]
+            sides[side][attr] = value
+        return cls(teacher=TeacherRates(**sides["teacher"]), student=StudentRates(**sides["student"]))
+
+
+def _price(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"price {name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"price {name} must not be negative, got {value}")
+    return value
 
 
 class TeacherCost(BaseModel):

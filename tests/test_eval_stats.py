@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gkt.eval.prices import PriceTable
 from gkt.eval.progress import Progress
 from gkt.eval.records import ResultStore, RunConfig, configs, sample
 from gkt.eval.report import markdown
 from gkt.eval.stats import rows, wilson
+from shared.cost import PriceTable, StudentRates, TeacherRates
 from shared.tasks import GSM8K
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -43,13 +43,18 @@ def test_wilson_contains_the_estimate_and_narrows_with_n() -> None:
     assert wilson(0, 0) == (0.0, 1.0)
 
 
-def test_prices_defaults_env_and_overrides() -> None:
+def test_prices_are_the_services_prices() -> None:
+    """#6: one price table (shared/cost.py): the eval reads the same variables the services do."""
     default = PriceTable.resolve([], environ={})
-    assert default == PriceTable()
-    p = PriceTable.resolve(["teacher_output=1.5", "student-output=0.1"],
-                           environ={"GKT_EVAL_PRICE_TEACHER_INPUT": "0.3", "GKT_EVAL_PRICE_TEACHER_OUTPUT": "9"})
-    assert (p.teacher_input, p.teacher_output, p.student_output) == (0.3, 1.5, 0.1)  # CLI beats env
-    assert p.cost(1_000_000, 2_000_000, 0, 10_000_000) == pytest.approx(0.3 + 3.0 + 1.0)
+    assert default == PriceTable() and default.teacher == TeacherRates() and default.student == StudentRates()
+    p = PriceTable.resolve(["teacher_output=1.5", "student-token=0.1"],
+                           environ={"GKT_CLOUD_PRICE_INPUT_PER_MTOK": "0.3", "GKT_CLOUD_PRICE_OUTPUT_PER_MTOK": "9",
+                                    "GKT_EDGE_PRICE_CPU_PER_HOUR": "3.6"})
+    assert (p.teacher.input_per_mtok, p.teacher.output_per_mtok, p.student.per_mtok) == (0.3, 1.5, 0.1)  # CLI wins
+    cost = p.answer(teacher_prompt_tokens=1_000_000, teacher_tokens=2_000_000, teacher_engine_s=0.0,
+                    student_tokens=10_000_000, student_cpu_s=10.0)
+    assert cost == pytest.approx(0.3 + 3.0 + 1.0 + 0.01)
+    assert p.as_dict()["student_cpu_hour"] == 3.6
     for bad in (["teacher_output"], ["nope=1"], ["teacher_input=-1"], ["teacher_input=cheap"]):
         with pytest.raises(ValueError):
             PriceTable.resolve(bad, environ={})
@@ -74,7 +79,8 @@ def test_rows_pair_comparisons_on_shared_questions() -> None:
     recs += [_rec(s, q, c, 4.0, 0, 100) for q, c in zip(qs, [True, False, False, False], strict=True)]
     # gkt answered only a, b (a smaller sample): compared with the teacher and student on a, b alone.
     recs += [_rec(g, "a", True, 5.0, 10, 90, guidance_answer="1", queue=1.0), _rec(g, "b", False, 5.0, 10, 90)]
-    prices = PriceTable(teacher_input=0.0, teacher_output=1.0)
+    prices = PriceTable(teacher=TeacherRates(input_per_mtok=0.0, output_per_mtok=1.0),
+                        student=StudentRates(cpu_per_hour=0.0))
     teacher, student, gkt = rows(recs, [t, s, g], prices)
     assert (teacher.n, teacher.accuracy, teacher.teacher_token_share) == (4, 0.75, 1.0)
     assert student.teacher_token_share == 0.0 and student.cost_ratio_vs_teacher == 0.0

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from gkt.eval import plots, report, stats
-from gkt.eval.prices import PriceTable
 from gkt.eval.records import ResultStore, configs, model_label, sample
 from gkt.eval.runner import EdgeClient, EvalError, run
 from gkt.eval.stack import TIMING_MODES, local_stack, split_possible
+from shared.cost import PRICE_NAMES, PriceTable
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER
 from shared.tasks import TASKS
 
@@ -68,9 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="do not pin cloud and edge to separate cores when starting them")
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output directory")
     p.add_argument("--results", type=Path, default=None, help="per-question jsonl (default OUT/results.jsonl)")
-    p.add_argument("--price", action="append", default=[], metavar="NAME=USD_PER_MTOK",
-                   help="override a price: teacher_input, teacher_output, student_input, student_output "
-                        "(also GKT_EVAL_PRICE_<NAME>)")
+    p.add_argument("--price", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a price (shared/cost.py): " + ", ".join(
+                       f"{name} ({var})" for name, (var, _, _) in PRICE_NAMES.items()))
     p.add_argument("--note", default=None,
                    help="free text kept with the results, e.g. what else ran on the machine during timing")
     p.add_argument("--report-only", action="store_true", help="write tables and plots from the results file")

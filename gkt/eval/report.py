@@ -38,7 +38,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "Speed-up, cost ratio, fraction of teacher accuracy and gap recovered are paired: each row against "
         "teacher-only (and student-only) on the questions both answered. Busy speed-up leaves out time spent "
         "waiting for a busy engine.",
-        f"Prices (USD per 1M tokens): {', '.join(f'{k} {v:g}' for k, v in meta['prices'].items())}.",
+        "Prices (USD per 1M tokens; per hour for accelerator and CPU): "
+        + ", ".join(f"{k} {v:g}" for k, v in meta["prices"].items()) + ".",
     ]
     if meta.get("note"):
         notes.append(f"Note: {meta['note']}")

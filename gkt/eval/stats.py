@@ -11,8 +11,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gkt.eval.prices import PriceTable
 from gkt.eval.records import RunConfig
+from shared.cost import PriceTable
 
 Z95 = 1.959963984540054
 
@@ -37,9 +37,18 @@ def queue_s(rec: dict[str, Any]) -> float:
 
 
 def cost(rec: dict[str, Any], prices: PriceTable) -> float:
-    u = rec["usage"]
-    student_prompt = u["student_prompt_tokens"] if rec["config"]["mode"] != "teacher" else 0
-    return prices.cost(u["teacher_prompt_tokens"], u["teacher_tokens"], student_prompt, u["student_tokens"])
+    """The answer's cost on both sides, priced as the services price it (``shared/cost.py``): the teacher's
+    prompt and generated tokens and engine time; the student's tokens (prompt, guidance, its own) and
+    CPU-core seconds (one thread)."""
+    u, t = rec["usage"], rec["timings"]
+    teacher = t.get("teacher") or {}
+    ran = rec["config"]["mode"] != "teacher"
+    return prices.answer(
+        teacher_prompt_tokens=u["teacher_prompt_tokens"], teacher_tokens=u["teacher_tokens"],
+        teacher_engine_s=(teacher.get("prompt_s") or 0.0) + (teacher.get("generation_s") or 0.0),
+        student_tokens=u["student_prompt_tokens"] + u["guidance_student_tokens"] + u["student_tokens"] if ran else 0,
+        student_cpu_s=(t.get("student_prompt_s") or 0.0) + (t.get("student_generation_s") or 0.0),
+    )
 
 
 def teacher_tokens(rec: dict[str, Any]) -> int:
