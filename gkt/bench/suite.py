@@ -237,9 +237,7 @@ class Bench:
                 self.add(Line(f"cloud batching llama.cpp, {c} concurrent (aggregate / raw llama_batch)",
                               ratio(agg, ref), 0.9, ">=",
                               measured={"cloud_agg_tok_s": agg, "raw_batched_tok_s": ref,
-                                        "cloud_vs_one_at_a_time": ratio(agg, serial), "k": k},
-                              note="the cloud decodes one request at a time until the issue-3 scheduler merges"
-                              if c > 1 else ""))
+                                        "cloud_vs_one_at_a_time": ratio(agg, serial), "k": k}))
         finally:
             raw.close()
 
