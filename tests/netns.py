@@ -171,5 +171,11 @@ class TestNet:
     def clear_firewall(self) -> None:
         _run("ip", "netns", "exec", self.cloud_ns, "nft", "delete", "table", "inet", "gkt_fault", check=False)
 
+    def stuck_on_link(self, port: int) -> list[str]:
+        """The cloud's connections to the edge over the cloud link that hold undelivered data (Send-Q > 0)."""
+        out = _run("ip", "netns", "exec", self.cloud_ns, "ss", "-Htn", "sport", "=", f":{port}").stdout
+        return [line for line in out.splitlines()
+                if len(f := line.split()) >= 5 and f[4].startswith(f"{self.edge_link_addr}:") and int(f[2]) > 0]
+
     def counters(self) -> str:
         return _run("ip", "netns", "exec", self.cloud_ns, "nft", "list", "ruleset").stdout

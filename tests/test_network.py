@@ -30,10 +30,10 @@ from tests import netns
 from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
 
 CLOUD_PORT, EDGE_PORT, EDGE_PX_PORT, PROXY_PORT = 8001, 8002, 8003, 9001
-IDLE_S, GUIDANCE_S, CONNECT_S = 3.0, 12.0, 1.0
+IDLE_S, GUIDANCE_S, CONNECT_S, USER_TIMEOUT_S = 3.0, 12.0, 1.0, 5.0
 CLOUD_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
              "GKT_CLOUD_HOST": "0.0.0.0", "GKT_CLOUD_PORT": str(CLOUD_PORT), "GKT_CLOUD_HEARTBEAT_S": "0.5",
-             "GKT_CLOUD_MAX_IN_FLIGHT": "2", **CLOUD_KEYS}
+             "GKT_CLOUD_MAX_IN_FLIGHT": "2", "GKT_CLOUD_TCP_USER_TIMEOUT_S": str(USER_TIMEOUT_S), **CLOUD_KEYS}
 EDGE_ENV = {"GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
             "GKT_EDGE_HOST": "0.0.0.0", "GKT_EDGE_CLOUD_READ_TIMEOUT_S": str(IDLE_S),
             "GKT_EDGE_GUIDANCE_TIMEOUT_S": str(GUIDANCE_S), "GKT_EDGE_CLOUD_CONNECT_TIMEOUT_S": str(CONNECT_S),
@@ -292,11 +292,16 @@ def test_n3_link_cut_mid_stream(bed: Bed) -> None:
     # they filled, "error" (timeout) when the budget stopped it, "cancelled" if the disconnect was seen.
     assert sum(changed.values()) == 1 and set(changed) <= {"ok", "error", "cancelled"}, changed
     assert metric(bed.cloud, "gkt_cloud_engine_sequences") == 0
+    # The socket too: the kernel aborts it after GKT_CLOUD_TCP_USER_TIMEOUT_S without acknowledgements,
+    # instead of retransmitting into the cut link for about 15 minutes (found by this test).
+    wait_until(lambda: not bed.net.stuck_on_link(CLOUD_PORT), 60)
+    released = time.monotonic() - cut_at[0]
     bed.net.restore()
     again = complete(bed.edge, {"prompt": "Hi", "max_tokens": 8, "guidance_tokens": 4})["gkt"]
     assert again["guidance_complete"]  # the link works again and so does the pair
     record("N3 link cut", idle_timeout_s=IDLE_S, guidance_budget_s=GUIDANCE_S,
            edge_noticed_after_s=round(noticed, 2), cloud_engine_stopped_after_s=round(stopped, 2),
+           cloud_socket_released_after_s=round(released, 2), tcp_user_timeout_s=USER_TIMEOUT_S,
            cloud_outcome=changed, guidance_chunks_kept=a.teacher_chunks)
 
 
