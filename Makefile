@@ -38,11 +38,15 @@ setup: $(STAMP)
 models: $(STAMP)
 	$(PY) -m gkt models fetch
 
-# Prometheus (Debian package) for the testbed and the observability tests; installed when we are root.
+# Debian packages the tests use, installed when we are root: prometheus (testbed, observability tests),
+# iproute2 (`ip netns`, `tc tbf`) and nftables (`nft`) for the network-fault tests (tests/test_network.py).
+SYSTEM_DEPS := prometheus:prometheus ip:iproute2 tc:iproute2 nft:nftables
 system-deps:
-	@command -v prometheus >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
-	  else echo "WARNING: prometheus missing (apt-get install prometheus); its tests will be skipped" >&2; fi; }
+	@missing=""; for dep in $(SYSTEM_DEPS); do \
+	  command -v $${dep%%:*} >/dev/null || missing="$$missing $${dep#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "WARNING: missing Debian packages:$$missing (apt-get install$$missing); their tests will be skipped" >&2; fi; fi
 
 run: models
 	$(PY) -m gkt up

@@ -16,7 +16,8 @@ def main() -> None:
         app = create_app(settings)
     except (RuntimeError, ValueError) as exc:  # a configuration the cloud refuses to start with
         raise SystemExit(f"gkt cloud: {exc}") from None
-    serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
+    serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s,
+          settings.tcp_user_timeout_s)
 
 
 if __name__ == "__main__":

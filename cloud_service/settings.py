@@ -69,6 +69,11 @@ class CloudSettings(BaseSettings):
     stall_timeout_s: float = Field(
         300.0, gt=0, le=86400, description="A busy engine with no token for this long makes readiness fail."
     )
+    tcp_user_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Abort a client connection whose sent data stays unacknowledged this long (a cut link; "
+        "0 leaves TCP's default of about 15 minutes).",
+    )
     heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
     batch_concurrency: int = Field(8, ge=1, le=256, description="Batch items generated at the same time.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")

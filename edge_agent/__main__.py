@@ -12,7 +12,8 @@ from shared.serve import serve
 def main() -> None:
     settings = EdgeSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(create_app(settings), settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
+    serve(create_app(settings), settings.host, settings.port, settings.log_level, settings.drain_timeout_s,
+          settings.tcp_user_timeout_s)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ class EdgeSettings(BaseSettings):
     cloud_retry_cap_s: float = Field(2.0, gt=0, le=300, description="Longest retry backoff.")
     breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive cloud failures that open the breaker.")
     breaker_cooldown_s: float = Field(10.0, gt=0, le=3600, description="Open breaker: wait before one probe.")
+    tcp_user_timeout_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Abort a client connection whose sent data stays unacknowledged this long (a cut link; "
+        "0 leaves TCP's default of about 15 minutes).",
+    )
     drain_timeout_s: float = Field(20.0, gt=0, le=3600, description="SIGTERM: how long running answers may finish.")
     stall_timeout_s: float = Field(
         300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from types import FrameType
 
@@ -42,12 +43,23 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app: FastAPI, host: str, port: int, log_level: str, drain_timeout_s: float) -> None:
-    """Serve until signalled; exit with the lifecycle's code (1 after a fatal engine failure)."""
+def serve(app: FastAPI, host: str, port: int, log_level: str, drain_timeout_s: float,
+          tcp_user_timeout_s: float | None = None) -> None:
+    """Serve until signalled; exit with the lifecycle's code (1 after a fatal engine failure).
+
+    ``tcp_user_timeout_s`` (N3): a connection whose sent data stays unacknowledged this long is aborted by the
+    kernel. Without it a peer behind a cut link is only given up after TCP's retransmissions (about 15
+    minutes), and a stream blocked on the dead socket keeps its slot and its buffers all that time.
+    """
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=max(1, round(drain_timeout_s / 4)))
     server = DrainingServer(config, app.state.lifecycle, drain_timeout_s)
-    server.run()
+    sockets = None
+    if tcp_user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock = config.bind_socket()  # accepted connections inherit the listener's TCP_USER_TIMEOUT
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(tcp_user_timeout_s * 1000))
+        sockets = [sock]
+    server.run(sockets=sockets)
     code = app.state.lifecycle.exit_code
     if not server.started and code == 0:
         code = 3  # the app failed to start (e.g. the model could not be loaded)
