@@ -12,7 +12,11 @@ from shared.serve import serve
 def main() -> None:
     settings = EdgeSettings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(create_app(settings), settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
+    try:
+        app = create_app(settings)
+    except (RuntimeError, ValueError) as exc:  # a configuration the edge refuses to start with (S6)
+        raise SystemExit(f"gkt edge: {exc}") from None
+    serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ class EdgeSettings(BaseSettings):
     stall_timeout_s: float = Field(
         300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."
     )
+    auth: bool = Field(
+        True, description="Require a client API key on every route except /health, /ready and /metrics."
+    )
+    api_keys: str = Field(
+        "", description="Client keys as comma-separated `name:sha256hex` entries (hashes only; `gkt keys new NAME` "
+        "makes a key and its entry; `gkt up` pairs one).",
+    )
+    rate_limit_per_min: float = Field(600.0, gt=0, description="Answer requests per minute per client key (refill).")
+    rate_limit_burst: int = Field(
+        60, ge=1, description="Answer requests a key may make at once before the rate applies."
+    )
     cloud_api_key: SecretStr | None = Field(
         None, description="This edge's key at the cloud (sent as a bearer token); `gkt up` makes one."
     )

@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 
 ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
        "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
-       **CLOUD_KEYS, **EDGE_AUTH}
+       **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,10 @@ def wait_until(cond, timeout: float = 20.0) -> None:  # noqa: ANN001
     raise AssertionError("condition not reached")
 
 
-def read_then_leave(url: str, body: dict, chunks: int) -> int:
+def read_then_leave(url: str, body: dict, chunks: int, headers: dict = AUTH) -> int:
     """Open a stream, read a few events, close the connection; returns how many events were read."""
     seen = 0
-    with httpx.stream("POST", url, json=body, headers=AUTH, timeout=60) as r:
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -80,7 +80,7 @@ def test_cancel_travels_from_the_user_through_the_edge_to_the_teacher(pair: tupl
     cloud_before = metric(cloud, "gkt_cloud_requests_total", '{outcome="cancelled",route="guidance"}')
     tokens_before = metric(cloud, "gkt_cloud_guidance_tokens_total")
     read_then_leave(edge.url + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2000,
-                                                   "guidance_tokens": 2000, "stream": True}, 5)
+                                                   "guidance_tokens": 2000, "stream": True}, 5, CLIENT_AUTH)
     wait_until(lambda: metric(cloud, "gkt_cloud_requests_in_flight") == 0 and
                metric(edge, "gkt_edge_requests_in_flight") == 0)
     assert metric(edge, "gkt_edge_requests_total",
@@ -93,10 +93,10 @@ def test_cancel_travels_from_the_user_through_the_edge_to_the_teacher(pair: tupl
 def test_cancel_during_student_generation_frees_the_student(pair: tuple[Service, Service]) -> None:
     _, edge = pair
     read_then_leave(edge.url + "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2000,
-                                                   "mode": "student", "stream": True}, 5)
+                                                   "mode": "student", "stream": True}, 5, CLIENT_AUTH)
     wait_until(lambda: metric(edge, "gkt_edge_requests_in_flight") == 0)
     r = httpx.post(edge.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "mode": "student"},
-                   timeout=60)
+                   headers=CLIENT_AUTH, timeout=60)
     assert r.status_code == 200 and r.json()["gkt"]["timings"]["student_queue_s"] < 1.0
 
 

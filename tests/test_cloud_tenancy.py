@@ -17,10 +17,10 @@ import pytest
 from starlette.routing import Route
 
 from cloud_service.app import create_app
-from cloud_service.auth import KeyRing, key_entry, new_key
 from cloud_service.engines.llama_cpp import LlamaTeacher
 from cloud_service.settings import CloudSettings
 from edge_agent.settings import EdgeSettings
+from shared.auth import KeyRing, key_entry, new_key
 from shared.protocol import GuidanceRequest, SSEDecoder, parse_frame
 
 KEY_A, KEY_B = new_key(), new_key()
