@@ -21,6 +21,7 @@ from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 from shared.llama import LlamaEngine
 from shared.models import resolve
+from shared.tls import client_context
 
 
 def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
@@ -31,7 +32,10 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
     headers = {}
     if settings.cloud_api_key is not None:
         headers["Authorization"] = f"Bearer {settings.cloud_api_key.get_secret_value()}"
-    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers)
+    # S4: verify the cloud against its CA and present this edge's certificate when configured.
+    tls = settings.cloud_ca_file or settings.cloud_cert_file
+    verify = client_context(settings.cloud_ca_file, settings.cloud_cert_file, settings.cloud_key_file) if tls else True
+    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers, verify=verify)
 
 
 def create_app(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import DEFAULT_STUDENT
+from shared.tls import check_files
 
 
 class EdgeSettings(BaseSettings):
@@ -64,4 +65,19 @@ class EdgeSettings(BaseSettings):
     fast_path: bool = Field(
         True, description="Prefill the student's prompt and the arriving guidance while the guidance streams."
     )
+    cloud_ca_file: str | None = Field(
+        None, description="Verify an https cloud against this CA (PEM) instead of the system store."
+    )
+    cloud_cert_file: str | None = Field(
+        None, description="Mutual TLS: the certificate chain (PEM) this edge presents to the cloud."
+    )
+    cloud_key_file: str | None = Field(None, description="Mutual TLS: the private key of `cloud_cert_file` (PEM).")
     log_level: str = Field("info", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> EdgeSettings:
+        if (self.cloud_cert_file is None) != (self.cloud_key_file is None):
+            raise ValueError("GKT_EDGE_CLOUD_CERT_FILE and GKT_EDGE_CLOUD_KEY_FILE go together")
+        check_files(GKT_EDGE_CLOUD_CA_FILE=self.cloud_ca_file, GKT_EDGE_CLOUD_CERT_FILE=self.cloud_cert_file,
+                    GKT_EDGE_CLOUD_KEY_FILE=self.cloud_key_file)
+        return self

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +25,8 @@ def free_port() -> int:
 
 
 class Service:
-    """One server process on loopback, ready when ``ready_path`` answers 200."""
+    """One server process on loopback, ready when ``ready_path`` answers 200 (over HTTPS with ``tls``: what
+    the probe verifies and presents)."""
 
     def __init__(
         self,
@@ -34,8 +36,10 @@ class Service:
         env: dict[str, str] | None = None,
         ready_path: str = "/ready",
         log_path: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
+        self.tls = tls
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -43,7 +47,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Service:
         out = None
@@ -59,7 +63,7 @@ class Service:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}{self._log_hint()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2.0, verify=self.tls or True).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -89,9 +93,10 @@ class Service:
                 self._log.close()
 
 
-def cloud_service(port: int, env: dict[str, str] | None = None, log_path: Path | None = None) -> Service:
+def cloud_service(port: int, env: dict[str, str] | None = None, log_path: Path | None = None,
+                  tls: ssl.SSLContext | None = None) -> Service:
     return Service("cloud", [sys.executable, "-m", "cloud_service"], port,
-                   {"GKT_CLOUD_PORT": str(port), **(env or {})}, log_path=log_path)
+                   {"GKT_CLOUD_PORT": str(port), **(env or {})}, log_path=log_path, tls=tls)
 
 
 def edge_service(port: int, cloud_url: str, env: dict[str, str] | None = None,
