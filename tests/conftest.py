@@ -46,6 +46,17 @@ def _run(service: Service) -> Iterator[Service]:
         service.stop()
 
 
+def run_pair(logs: Path, env: dict[str, str]) -> Iterator[tuple[Service, Service]]:
+    """A cloud and an edge it guides, both from ``env``, logging to ``logs``; for module fixtures."""
+    cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
+    edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()
+    try:
+        yield cloud.wait_ready(), edge.wait_ready()
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
 @pytest.fixture(scope="session")
 def cloud(logs: Path) -> Iterator[Service]:
     """The default teacher (Qwen2.5-Coder-1.5B) on llama.cpp, one thread."""

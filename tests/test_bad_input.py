@@ -12,8 +12,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, auth_for
+from gkt.launcher import Service
+from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, auth_for, run_pair
 
 LIMITS = {
     "GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "512",
@@ -25,14 +25,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    logs = tmp_path_factory.mktemp("bad")
-    cloud = cloud_service(free_port(), LIMITS, log_path=logs / "cloud.log").start()
-    edge = edge_service(free_port(), cloud.url, LIMITS, log_path=logs / "edge.log").start()
-    try:
-        yield cloud.wait_ready(), edge.wait_ready()
-    finally:
-        edge.stop()
-        cloud.stop()
+    yield from run_pair(tmp_path_factory.mktemp("bad"), LIMITS)
 
 
 @pytest.fixture(scope="module")

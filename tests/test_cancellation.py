@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
+from gkt.launcher import Service
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, run_pair
 
 ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
        "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
@@ -24,14 +24,7 @@ ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    logs = tmp_path_factory.mktemp("cancel")
-    cloud = cloud_service(free_port(), ENV, log_path=logs / "cloud.log").start()
-    edge = edge_service(free_port(), cloud.url, ENV, log_path=logs / "edge.log").start()
-    try:
-        yield cloud.wait_ready(), edge.wait_ready()
-    finally:
-        edge.stop()
-        cloud.stop()
+    yield from run_pair(tmp_path_factory.mktemp("cancel"), ENV)
 
 
 def metric(svc: Service, name: str, labels: str = "") -> float:

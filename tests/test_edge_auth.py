@@ -8,26 +8,28 @@ on a real ``python -m edge_agent``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.routing import Route
 
 from edge_agent.app import create_app
 from edge_agent.settings import EdgeSettings
 from gkt.launcher import Service, edge_service, free_port
-from shared.auth import key_entry, new_key
+from shared.auth import KeyRing, key_entry, new_key
 from shared.llama import LlamaEngine
 from shared.models import resolve
 from shared.protocol import DoneFrame, Timings, TokenFrame, Usage, encode_frame
+from tests.auth_checks import compared_exactly, deny_by_default, limited_per_key
 from tests.conftest import CLIENT_AUTH, CLIENT_KEY, EDGE_KEYS
 
 KEY_A, KEY_B, CLOUD_KEY = new_key(), new_key(), new_key()
@@ -78,31 +80,15 @@ async def edge(student: LlamaEngine, http: httpx.AsyncClient | None = None,
 async def test_s1_every_edge_route_but_probes_needs_a_key(student: LlamaEngine) -> None:
     """S1: walks the app's routes (and its OpenAPI) so a new route is covered without editing this test."""
     async with edge(student) as client:
-        app = client.app  # type: ignore[attr-defined]
-        routes = {(path, method.upper()) for path, ops in app.openapi()["paths"].items() for method in ops}
-        routes |= {(r.path, m) for r in app.routes if isinstance(r, Route) for m in (r.methods or ())}
-        assert {p for p, _ in routes} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/docs"}
-        for path, method in sorted(routes):
-            r = await client.request(method, path, json={})
-            if path in ("/health", "/ready", "/metrics"):
-                assert r.status_code == 200, path
-            else:
-                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
-                if method != "HEAD":
-                    assert r.json()["error"]["code"] == "unauthorized"
-        for path in ("/docs", "/openapi.json", "/v1/not-a-route"):  # deny by default, even unknown paths
-            assert (await client.get(path)).status_code == 401
+        await deny_by_default(client, {"/v1/chat/completions", "/v1/completions", "/v1/models"})
         assert (await client.get("/v1/models", headers=A)).status_code == 200
 
 
 async def test_s2_edge_keys_are_compared_exactly(student: LlamaEngine) -> None:
     async with edge(student) as client:
-        assert (await client.post("/v1/completions", json=ASK, headers=A)).status_code == 200
-        for bad in (KEY_A.upper(), KEY_A.swapcase(), KEY_A[:-1], KEY_A + "x", "", f"{KEY_A} {KEY_B}", CLOUD_KEY):
-            r = await client.post("/v1/completions", json=ASK, headers={"Authorization": f"Bearer {bad}"})
-            assert r.status_code == 401, bad
-        r = await client.post("/v1/completions", json=ASK, headers={"Authorization": f"Basic {KEY_A}"})
-        assert r.status_code == 401 and KEY_A not in r.text
+        await compared_exactly(client, "/v1/completions", ASK, KEY_A, KEY_B)
+        r = await client.post("/v1/completions", json=ASK, headers={"Authorization": f"Bearer {CLOUD_KEY}"})
+        assert r.status_code == 401  # the edge's own key at the cloud is no client key
 
 
 async def test_s3_client_keys_stay_out_of_logs_bodies_repr_and_the_cloud(
@@ -126,12 +112,7 @@ async def test_s3_client_keys_stay_out_of_logs_bodies_repr_and_the_cloud(
 
 async def test_s5_edge_rate_limit_per_key(student: LlamaEngine) -> None:
     async with edge(student, rate_limit_burst=2, rate_limit_per_min=1) as client:
-        for _ in range(2):
-            assert (await client.post("/v1/completions", json=ASK, headers=A)).status_code == 200
-        r = await client.post("/v1/completions", json=ASK, headers=A)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
-        assert int(r.headers["retry-after"]) >= 1
-        assert (await client.post("/v1/completions", json=ASK, headers=B)).status_code == 200  # others unaffected
+        await limited_per_key(client, "/v1/completions", ASK, A, B, burst=2)
         metrics = (await client.get("/metrics")).text
     assert 'gkt_edge_requests_total{mode="student",outcome="refused",route="completions"} 1.0' in metrics
 
@@ -179,3 +160,37 @@ def test_s1_real_edge_refuses_without_a_key(real_edge: Service) -> None:
     assert httpx.post(real_edge.url + "/v1/completions", json=body, headers=CLIENT_AUTH,
                       timeout=60).status_code == 200
     assert CLIENT_KEY not in real_edge.log_path.read_text()  # type: ignore[union-attr]
+
+
+def test_gkt_up_pairs_a_client_key_that_gkt_ask_sends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S6 without friction: `gkt up` gives the edge a client key's hash, keeps the key (0600, reused on the next
+    start) and `gkt ask` sends it; configured keys or GKT_EDGE_AUTH=false are left alone."""
+    from gkt import ask, launcher
+
+    for var in ("GKT_EDGE_API_KEYS", "GKT_EDGE_API_KEY", "GKT_EDGE_AUTH"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "client.key"
+    env = launcher.client_key_env(path)
+    key = path.read_text().strip()
+    assert KeyRing(env["GKT_EDGE_API_KEYS"]).tenant(key) == "local-client" and key not in env["GKT_EDGE_API_KEYS"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert launcher.client_key_env(path) == env  # the same key next time: clients' scripts keep working
+    monkeypatch.setenv("GKT_EDGE_AUTH", "false")
+    assert launcher.client_key_env(tmp_path / "other.key") == {}
+    monkeypatch.delenv("GKT_EDGE_AUTH")
+    monkeypatch.setenv("GKT_EDGE_API_KEYS", KEYS)
+    assert launcher.client_key_env(tmp_path / "other.key") == {}
+
+    sent: list[dict[str, str]] = []
+
+    def fake_stream(method: str, url: str, **kw: Any) -> Any:  # records what `gkt ask` would send
+        sent.append(kw["headers"])
+        raise httpx.ConnectError("not listening")
+
+    monkeypatch.setattr(ask, "CLIENT_KEY_FILE", path)
+    monkeypatch.setattr(ask.httpx, "stream", fake_stream)
+    parser = argparse.ArgumentParser()
+    ask.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["ask", "hi"])
+    assert args.func(args) == 1
+    assert sent == [{"Authorization": f"Bearer {key}"}]

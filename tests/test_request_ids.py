@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
+from gkt.launcher import Service
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, run_pair
 
 ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "1024",
        "GKT_CLOUD_MAX_GUIDANCE_TOKENS": "8",
@@ -26,14 +26,7 @@ LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+ \[(\S+)\] (
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    logs = tmp_path_factory.mktemp("o2")
-    cloud = cloud_service(free_port(), ENV, log_path=logs / "cloud.log").start()
-    edge = edge_service(free_port(), cloud.url, ENV, log_path=logs / "edge.log").start()
-    try:
-        yield cloud.wait_ready(), edge.wait_ready()
-    finally:
-        edge.stop()
-        cloud.stop()
+    yield from run_pair(tmp_path_factory.mktemp("o2"), ENV)
 
 
 def lines(svc: Service) -> list[tuple[str, str]]:
