@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_service.auth import key_entry, new_key  # noqa: E402
 from gkt.bench.load import Target, l1, soak  # noqa: E402
 from gkt.launcher import cloud_service, edge_service, free_port  # noqa: E402
+from shared.auth import key_entry, new_key  # noqa: E402
 
 
 def main() -> int:
@@ -49,7 +49,7 @@ def main() -> int:
            "GKT_CLOUD_RATE_LIMIT_PER_MIN": "1000000", "GKT_CLOUD_RATE_LIMIT_BURST": "100000",
            "GKT_CLOUD_API_KEYS": key_entry("load", key),
            "GKT_EDGE_MODEL": args.model, "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "1024",
-           "GKT_EDGE_CLOUD_API_KEY": key}
+           "GKT_EDGE_CLOUD_API_KEY": key, "GKT_EDGE_API_KEYS": key_entry("load", key)}
     logs = Path(tempfile.mkdtemp(prefix="gkt-load-"))
     cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
     edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()

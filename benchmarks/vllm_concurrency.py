@@ -19,9 +19,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cloud_service.auth import key_entry, new_key  # noqa: E402
 from gkt import vllm  # noqa: E402
 from gkt.launcher import cloud_service, free_port  # noqa: E402
+from shared.auth import key_entry, new_key  # noqa: E402
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
 

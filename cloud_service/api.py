@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from cloud_service.serving import GuidanceService
+from shared.http import unless_disconnected
 from shared.metrics import metrics_response
 from shared.protocol import (
     PROTOCOL_HEADER,
@@ -50,11 +51,14 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/guidance", responses=_SSE_DOC, response_model=None)
-async def guidance(body: GuidanceRequest, service: ServiceDep, tenant: TenantDep) -> StreamingResponse | GuidanceResult:
+async def guidance(
+    request: Request, body: GuidanceRequest, service: ServiceDep, tenant: TenantDep
+) -> StreamingResponse | GuidanceResult | Response:
     """The teacher's first ``max_tokens`` (k) tokens for a chat or a raw prompt."""
     generation = await service.open(body, tenant)
     if not body.stream:
-        return await service.collect(generation)
+        result = await unless_disconnected(request, service.collect(generation))
+        return Response(status_code=499) if result is None else result  # C1: 499, the client left
     return StreamingResponse(
         service.sse(generation),
         media_type="text/event-stream",
@@ -64,10 +68,13 @@ async def guidance(body: GuidanceRequest, service: ServiceDep, tenant: TenantDep
     )
 
 
-@router.post("/v1/guidance/batch")
-async def guidance_batch(body: BatchGuidanceRequest, service: ServiceDep, tenant: TenantDep) -> BatchGuidanceResponse:
+@router.post("/v1/guidance/batch", response_model=BatchGuidanceResponse)
+async def guidance_batch(
+    request: Request, body: BatchGuidanceRequest, service: ServiceDep, tenant: TenantDep
+) -> BatchGuidanceResponse | Response:
     """Guidance for many prompts in one call; each item has a result or an error."""
-    return await service.batch(body, tenant)
+    result = await unless_disconnected(request, service.batch(body, tenant))
+    return Response(status_code=499) if result is None else result  # C1: 499, the client left
 
 
 @router.get("/v1/usage")

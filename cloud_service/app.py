@@ -9,11 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from cloud_service.api import ROUTE_LABELS, router
-from cloud_service.auth import AuthMiddleware, KeyRing
 from cloud_service.engine import TeacherEngine, build_engine
 from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
 from cloud_service.settings import CloudSettings
+from shared.auth import AuthMiddleware, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
@@ -22,11 +22,7 @@ from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
     """A cloud app; the lifespan loads the configured teacher unless ``engine`` is given."""
     settings = settings or CloudSettings()
-    keys = KeyRing(settings.api_keys) if settings.auth else None
-    if keys is not None and not len(keys):
-        # S6: auth on with no key would lock everyone out; say so instead of starting.
-        raise RuntimeError("GKT_CLOUD_AUTH is on but GKT_CLOUD_API_KEYS is empty: add an edge key "
-                           "(`gkt keys new NAME`) or set GKT_CLOUD_AUTH=false on a trusted network")
+    keys = key_ring(settings.auth, settings.api_keys, "GKT_CLOUD_", "add an edge key (`gkt keys new NAME`)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -16,13 +16,13 @@ from dataclasses import replace
 from typing import Any
 
 from cloud_service.admission import Admission
-from cloud_service.auth import RateLimiter
 from cloud_service.cache import CachedGuidance, GuidanceCache
 from cloud_service.deadline import bounded, stop
 from cloud_service.engine import Generation, Guarded, TeacherEngine
 from cloud_service.ledger import Ledger
 from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
+from shared.auth import RateLimiter
 from shared.cost import TeacherRates
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import DEFAULT_TEACHER
+from shared.tls import check_files
 
 
 class CloudSettings(BaseSettings):
@@ -77,4 +78,19 @@ class CloudSettings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
     batch_concurrency: int = Field(8, ge=1, le=256, description="Batch items generated at the same time.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
+    tls_cert_file: str | None = Field(None, description="Serve HTTPS with this certificate chain (PEM).")
+    tls_key_file: str | None = Field(None, description="The private key of `tls_cert_file` (PEM).")
+    tls_client_ca_file: str | None = Field(
+        None, description="Mutual TLS: require every client (edge) to present a certificate signed by this CA (PEM)."
+    )
     log_level: str = Field("info", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> CloudSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("GKT_CLOUD_TLS_CERT_FILE and GKT_CLOUD_TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("GKT_CLOUD_TLS_CLIENT_CA_FILE needs HTTPS (GKT_CLOUD_TLS_CERT_FILE and _KEY_FILE)")
+        check_files(GKT_CLOUD_TLS_CERT_FILE=self.tls_cert_file, GKT_CLOUD_TLS_KEY_FILE=self.tls_key_file,
+                    GKT_CLOUD_TLS_CLIENT_CA_FILE=self.tls_client_ca_file)
+        return self

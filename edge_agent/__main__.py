@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 from edge_agent.app import create_app
 from edge_agent.settings import EdgeSettings
-from shared.serve import serve
+from shared.logs import configure_logging
+from shared.serve import load_settings, serve
 
 
 def main() -> None:
-    settings = EdgeSettings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(create_app(settings), settings.host, settings.port, settings.log_level, settings.drain_timeout_s,
-          settings.tcp_user_timeout_s)
+    settings = load_settings(EdgeSettings, "edge")
+    configure_logging(settings.log_level)
+    try:
+        app = create_app(settings)
+    except (RuntimeError, ValueError) as exc:  # a configuration the edge refuses to start with (S6)
+        raise SystemExit(f"gkt edge: {exc}") from None
+    serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s,
+          tcp_user_timeout_s=settings.tcp_user_timeout_s)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.responses import Envelope, Kind, collect, stream
 from shared.errors import GKTError
+from shared.http import unless_disconnected
 from shared.metrics import metrics_response
 
 router = APIRouter()
@@ -37,6 +38,7 @@ async def _answer(
     route = "chat" if kind == "chat" else "completions"
     mode = body.mode or pipeline.settings.default_mode
     try:
+        request.app.state.limiter.take(request.state.tenant)  # S5: per client key
         plan = pipeline.plan(body)
     except GKTError as err:
         metrics.rejected(route, mode, err)
@@ -44,8 +46,10 @@ async def _answer(
     env = Envelope(kind=kind, model=pipeline.student.name)
     events = metrics.observe(pipeline.run(plan), route, mode)
     if not body.stream:
-        text, summary = await collect(events)
-        return JSONResponse(env.whole(text, summary))
+        whole = await unless_disconnected(request, collect(events))
+        if whole is None:  # C1: the client left; the answer's work has been stopped
+            return Response(status_code=499)
+        return JSONResponse(env.whole(*whole))
     # Pull the first event before answering so that a refusal (e.g. teacher mode with the cloud down)
     # is still an HTTP status rather than an error inside a 200 stream.
     first = await anext(events)

@@ -15,11 +15,13 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
+from shared.auth import AuthMiddleware, RateLimiter, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 from shared.llama import LlamaEngine
 from shared.models import resolve
+from shared.tls import client_context
 
 
 def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
@@ -30,7 +32,10 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
     headers = {}
     if settings.cloud_api_key is not None:
         headers["Authorization"] = f"Bearer {settings.cloud_api_key.get_secret_value()}"
-    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers)
+    # S4: verify the cloud against its CA and present this edge's certificate when configured.
+    tls = settings.cloud_ca_file or settings.cloud_cert_file
+    verify = client_context(settings.cloud_ca_file, settings.cloud_cert_file, settings.cloud_key_file) if tls else True
+    return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers, verify=verify)
 
 
 def create_app(
@@ -40,6 +45,7 @@ def create_app(
 ) -> FastAPI:
     """An edge app; the lifespan loads the student and opens the cloud client unless they are given."""
     settings = settings or EdgeSettings()
+    keys = key_ring(settings.auth, settings.api_keys, "GKT_EDGE_", "add a client key (`gkt keys new NAME`)")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,15 +80,18 @@ def create_app(
     app.state.pipeline = None
     app.state.metrics = metrics = EdgeMetrics()
     app.state.lifecycle = lifecycle = Lifecycle()
+    app.state.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
 
     def on_invalid(request: Request, err: GKTError) -> None:
         # Bodies that fail validation never reach a route; count them here so every answer request shows.
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, "unknown", err)
 
-    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    # Outermost last: request id, then auth (a refused caller costs nothing more), lifecycle, body limit.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry the request id too
     install_error_handlers(app, on_invalid=on_invalid)
     app.include_router(router)
     return app

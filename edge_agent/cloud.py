@@ -12,6 +12,8 @@ import httpx
 
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from shared.errors import ErrorCode, GKTError, IncompleteStreamError, code_from_name
+from shared.http import REQUEST_ID_HEADER
+from shared.logs import REQUEST_ID
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -89,6 +91,8 @@ class CloudClient:
             raise GKTError(ErrorCode.timeout, "no time left for guidance")
         body = request.model_copy(update={"timeout_ms": max(1, int(remaining * 1000))}).model_dump(exclude_none=True)
         headers = {PROTOCOL_HEADER: PROTOCOL_VERSION, "Accept": "text/event-stream"}
+        if (rid := REQUEST_ID.get()) != "-":
+            headers[REQUEST_ID_HEADER] = rid  # O2: the cloud logs this request under the client's id
         base = self._client.timeout
         timeout = httpx.Timeout(connect=min(base.connect or remaining, remaining),
                                 read=min(self.read_timeout_s, remaining), write=base.write, pool=base.pool)

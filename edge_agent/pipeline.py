@@ -9,6 +9,7 @@ from what arrived (``partial``). Either way the answer is not lost.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -29,6 +30,8 @@ from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import LlamaEngine
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
+
+log = logging.getLogger("gkt.edge")
 
 Source = Literal["teacher", "student"]
 
@@ -305,8 +308,11 @@ class Pipeline:
             if got_text:
                 info.partial = True
                 info.partial_reason = err.code.name
+                log.warning("guidance broke off (%s): the student continues from the partial guidance",
+                            err.code.name)
             else:
                 info.fallback = err.code.name
+                log.warning("no guidance (%s): the student answers alone", err.code.name)
         finally:
             info.timings.guidance_s = perf_counter() - t0
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import DEFAULT_STUDENT
+from shared.tls import check_files
 
 
 class EdgeSettings(BaseSettings):
@@ -44,6 +45,17 @@ class EdgeSettings(BaseSettings):
     stall_timeout_s: float = Field(
         300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."
     )
+    auth: bool = Field(
+        True, description="Require a client API key on every route except /health, /ready and /metrics."
+    )
+    api_keys: str = Field(
+        "", description="Client keys as comma-separated `name:sha256hex` entries (hashes only; `gkt keys new NAME` "
+        "makes a key and its entry; `gkt up` pairs one).",
+    )
+    rate_limit_per_min: float = Field(600.0, gt=0, description="Answer requests per minute per client key (refill).")
+    rate_limit_burst: int = Field(
+        60, ge=1, description="Answer requests a key may make at once before the rate applies."
+    )
     cloud_api_key: SecretStr | None = Field(
         None, description="This edge's key at the cloud (sent as a bearer token); `gkt up` makes one."
     )
@@ -58,4 +70,19 @@ class EdgeSettings(BaseSettings):
     fast_path: bool = Field(
         True, description="Prefill the student's prompt and the arriving guidance while the guidance streams."
     )
+    cloud_ca_file: str | None = Field(
+        None, description="Verify an https cloud against this CA (PEM) instead of the system store."
+    )
+    cloud_cert_file: str | None = Field(
+        None, description="Mutual TLS: the certificate chain (PEM) this edge presents to the cloud."
+    )
+    cloud_key_file: str | None = Field(None, description="Mutual TLS: the private key of `cloud_cert_file` (PEM).")
     log_level: str = Field("info", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> EdgeSettings:
+        if (self.cloud_cert_file is None) != (self.cloud_key_file is None):
+            raise ValueError("GKT_EDGE_CLOUD_CERT_FILE and GKT_EDGE_CLOUD_KEY_FILE go together")
+        check_files(GKT_EDGE_CLOUD_CA_FILE=self.cloud_ca_file, GKT_EDGE_CLOUD_CERT_FILE=self.cloud_cert_file,
+                    GKT_EDGE_CLOUD_KEY_FILE=self.cloud_key_file)
+        return self

@@ -9,6 +9,8 @@ import sys
 
 import httpx
 
+from gkt.launcher import CLIENT_KEY_FILE, read_key
+
 _TEACHER = "\033[1;36m"  # bold cyan: the teacher's guidance
 _RESET = "\033[0m"
 
@@ -22,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["gsm8k", "csqa"], default=None)
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--api-key", default=os.environ.get("GKT_EDGE_API_KEY"))
+    p.add_argument("--api-key", default=None,
+                   help="the edge's client key (default: $GKT_EDGE_API_KEY, else the key `gkt up` keeps in "
+                   f"{CLIENT_KEY_FILE})")
     p.set_defaults(func=run)
 
 
@@ -33,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     for key in ("mode", "guidance_tokens", "task"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    key = args.api_key or os.environ.get("GKT_EDGE_API_KEY") or read_key(CLIENT_KEY_FILE)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     summary: dict | None = None
     source = None
     try:

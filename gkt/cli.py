@@ -33,11 +33,13 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from cloud_service.auth import key_entry, new_key
+    from shared.auth import key_entry, new_key
 
     key = new_key()
-    print(f"key (give to the edge as GKT_EDGE_CLOUD_API_KEY; shown once): {key}")
-    print(f"entry (add to the cloud's comma-separated GKT_CLOUD_API_KEYS): {key_entry(args.name, key)}")
+    print(f"key (shown once; an edge's key at the cloud: GKT_EDGE_CLOUD_API_KEY; a client's key at the edge: "
+          f"its bearer token / OpenAI api_key): {key}")
+    print(f"entry (add to the comma-separated GKT_CLOUD_API_KEYS for an edge, or GKT_EDGE_API_KEYS for a "
+          f"client): {key_entry(args.name, key)}")
     return 0
 
 
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     p_models.add_argument("names", nargs="*", help="registry names (default: teacher, student, smollm2)")
     p_models.set_defaults(func=_models)
 
-    p_keys = sub.add_parser("keys", help="make an edge API key and the hashed entry the cloud stores")
+    p_keys = sub.add_parser("keys", help="make an API key and the hashed entry the service stores")
     p_keys.add_argument("action", choices=["new"])
-    p_keys.add_argument("name", help="the edge's tenant name (letters, digits, . _ -)")
+    p_keys.add_argument("name", help="the caller's tenant name (letters, digits, . _ -)")
     p_keys.set_defaults(func=_keys)
 
     from gkt import ask, launcher, observability, testbed

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import httpx
 
-DEFAULT_KEY_FILE = Path.home() / ".cache" / "gkt" / "local-edge.key"
+DEFAULT_KEY_FILE = Path.home() / ".cache" / "gkt" / "local-edge.key"  # the local edge's key at the cloud
+CLIENT_KEY_FILE = Path.home() / ".cache" / "gkt" / "edge-client.key"  # a client's key at the local edge
 
 
 def free_port() -> int:
@@ -23,7 +25,8 @@ def free_port() -> int:
 
 
 class Service:
-    """One server process on loopback, ready when ``ready_path`` answers 200."""
+    """One server process on loopback, ready when ``ready_path`` answers 200 (over HTTPS with ``tls``: what
+    the probe verifies and presents)."""
 
     def __init__(
         self,
@@ -33,8 +36,10 @@ class Service:
         env: dict[str, str] | None = None,
         ready_path: str = "/ready",
         log_path: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
+        self.tls = tls
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -42,7 +47,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> Service:
         out = None
@@ -58,7 +63,7 @@ class Service:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}{self._log_hint()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2.0, verify=self.tls or True).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -88,9 +93,10 @@ class Service:
                 self._log.close()
 
 
-def cloud_service(port: int, env: dict[str, str] | None = None, log_path: Path | None = None) -> Service:
+def cloud_service(port: int, env: dict[str, str] | None = None, log_path: Path | None = None,
+                  tls: ssl.SSLContext | None = None) -> Service:
     return Service("cloud", [sys.executable, "-m", "cloud_service"], port,
-                   {"GKT_CLOUD_PORT": str(port), **(env or {})}, log_path=log_path)
+                   {"GKT_CLOUD_PORT": str(port), **(env or {})}, log_path=log_path, tls=tls)
 
 
 def edge_service(port: int, cloud_url: str, env: dict[str, str] | None = None,
@@ -105,7 +111,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-port", type=int, default=int(os.environ.get("GKT_EDGE_PORT", 8002)))
     p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,
                    help="where the generated key of the local edge is written (to call the cloud directly)")
+    p.add_argument("--client-key-file", type=Path, default=CLIENT_KEY_FILE,
+                   help="where the key for calling the edge is kept (`gkt ask` reads it from there)")
     p.set_defaults(func=run)
+
+
+def _auth_off(prefix: str) -> bool:
+    return os.environ.get(f"{prefix}AUTH", "true").strip().lower() in ("0", "false", "off", "no", "n", "f")
+
+
+def _write_secret(path: Path, key: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+
+
+def read_key(path: Path) -> str | None:
+    """The key kept in ``path``, if there is one."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def local_key_env(key_file: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -114,20 +141,38 @@ def local_key_env(key_file: Path) -> tuple[dict[str, str], dict[str, str]]:
     The key is written to ``key_file`` (mode 0600) so the user can call the cloud directly; only its hash
     is given to the cloud.
     """
-    from cloud_service.auth import key_entry, new_key
+    from shared.auth import key_entry, new_key
 
-    if os.environ.get("GKT_CLOUD_API_KEYS") or os.environ.get("GKT_CLOUD_AUTH", "true").lower() in ("0", "false"):
+    if os.environ.get("GKT_CLOUD_API_KEYS") or _auth_off("GKT_CLOUD_"):
         return {}, {}
     key = os.environ.get("GKT_EDGE_CLOUD_API_KEY") or new_key()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key + "\n")
+    _write_secret(key_file, key)
     return {"GKT_CLOUD_API_KEYS": key_entry("local-edge", key)}, {"GKT_EDGE_CLOUD_API_KEY": key}
 
 
+def client_key_env(key_file: Path) -> dict[str, str]:
+    """Edge environment that accepts one local client key, unless client keys are configured or auth is off.
+
+    The key is kept in ``key_file`` (mode 0600, reused across runs so scripts keep working; ``gkt ask`` reads
+    it); only its hash is given to the edge.
+    """
+    from shared.auth import key_entry, new_key
+
+    if os.environ.get("GKT_EDGE_API_KEYS") or _auth_off("GKT_EDGE_"):
+        return {}
+    key = os.environ.get("GKT_EDGE_API_KEY") or read_key(key_file) or new_key()
+    _write_secret(key_file, key)
+    return {"GKT_EDGE_API_KEYS": key_entry("local-client", key)}
+
+
+def local_auth_env(edge_key_file: Path, client_key_file: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Cloud and edge environment of a local pair: edge paired with the cloud, a client key for the edge."""
+    cloud_env, edge_env = local_key_env(edge_key_file)
+    return cloud_env, {**edge_env, **client_key_env(client_key_file)}
+
+
 def run(args: argparse.Namespace) -> int:
-    cloud_env, edge_env = local_key_env(args.key_file)
+    cloud_env, edge_env = local_auth_env(args.key_file, args.client_key_file)
     cloud = cloud_service(args.cloud_port, cloud_env).start()
     edge = edge_service(args.edge_port, cloud.url, edge_env).start()
     services = [edge, cloud]
@@ -141,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cloud.wait_ready()
         edge.wait_ready()
-        print(_banner(cloud.url, edge.url, args.key_file if cloud_env else None), flush=True)
+        print(_banner(cloud.url, edge.url, args.key_file if cloud_env else None,
+                      args.client_key_file if "GKT_EDGE_API_KEYS" in edge_env else None), flush=True)
         while all(s.proc and s.proc.poll() is None for s in services):
             time.sleep(0.5)
         dead = [s.name for s in services if s.proc and s.proc.poll() is not None]
@@ -154,15 +200,19 @@ def run(args: argparse.Namespace) -> int:
             s.stop()
 
 
-def _banner(cloud: str, edge: str, key_file: Path | None) -> str:
+def _banner(cloud: str, edge: str, key_file: Path | None, client_key_file: Path | None) -> str:
     auth = f" -H \"Authorization: Bearer $(cat {key_file})\"" if key_file else ""
+    client = f" -H \"Authorization: Bearer $(cat {client_key_file})\"" if client_key_file else ""
+    where = (f"The edge wants a client key: it is in {client_key_file} (`gkt ask` reads it from there; other "
+             f"clients: export GKT_EDGE_API_KEY=$(cat {client_key_file}) or pass it as the OpenAI api_key).\n"
+             if client_key_file else "")
     return f"""
 gkt is up: cloud (teacher) {cloud}, edge (student) {edge}. Ctrl-C stops both.
-
+{where}
   .venv/bin/gkt ask "Natalia sold clips to 48 of her friends in April, and then she sold half as many \\
 clips in May. How many clips did Natalia sell altogether in April and May?" --task gsm8k
 
-  curl -s {edge}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl -s {edge}/v1/chat/completions -H 'Content-Type: application/json'{client} \\
     -d '{{"messages": [{{"role": "user", "content": "Why is the sky blue?"}}],
          "max_tokens": 80, "guidance_tokens": 20}}'
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gkt.launcher import Service, cloud_service, edge_service
+from gkt.launcher import CLIENT_KEY_FILE, DEFAULT_KEY_FILE, Service, cloud_service, edge_service, local_auth_env
 from gkt.observability import prometheus_config
 
 
@@ -41,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="gkt-testbed-"))
-    cloud = cloud_service(args.cloud_port).start()
-    edge = edge_service(args.edge_port, cloud.url).start()
+    cloud_env, edge_env = local_auth_env(DEFAULT_KEY_FILE, CLIENT_KEY_FILE)  # paired like `gkt up`
+    cloud = cloud_service(args.cloud_port, cloud_env).start()
+    edge = edge_service(args.edge_port, cloud.url, edge_env).start()
     targets = {"gkt-cloud": f"127.0.0.1:{args.cloud_port}", "gkt-edge": f"127.0.0.1:{args.edge_port}"}
     prom = prometheus_service(args.prometheus_port, targets, work, args.scrape_interval).start()
     services = [edge, cloud, prom]
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"""
 gkt testbed is up (Ctrl-C stops it):
   cloud {cloud.url}/metrics   edge {edge.url}/metrics   prometheus {prom.url} (data in {work})
-  try: .venv/bin/gkt ask "What is 17 * 3?" ; then query {prom.url}/graph?g0.expr=gkt_edge_requests_total
+  try: .venv/bin/gkt ask "What is 17 * 3?" (it sends the client key kept in {CLIENT_KEY_FILE})
+  then query {prom.url}/graph?g0.expr=gkt_edge_requests_total
   Grafana (where installed): provision deploy/grafana/provisioning and point the datasource at {prom.url}
 """, flush=True)
         while all(s.proc and s.proc.poll() is None for s in services):

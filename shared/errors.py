@@ -10,13 +10,16 @@ Exception tree::
     GKTError                      an error with a code from the table (safe to show to a client)
     └── IncompleteStreamError     a guidance stream ended without a terminal frame (F1)
 
-Internal exceptions never reach a client as text: they become ``internal_error`` with a request id.
+Internal exceptions never reach a client as text: they become ``internal_error`` with a request id. Every
+envelope built while a request is served carries that request's ``request_id`` too.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 from typing import Any
+
+from shared.logs import REQUEST_ID
 
 
 class ErrorCode(Enum):
@@ -89,8 +92,11 @@ class IncompleteStreamError(GKTError):
 
 
 def error_body(code: ErrorCode, message: str, *, param: str | None = None) -> dict[str, Any]:
-    """The OpenAI-style error envelope."""
-    return {"error": {"message": message, "type": code.type, "param": param, "code": code.name}}
+    """The OpenAI-style error envelope, with the current request's id when there is one (O2)."""
+    body: dict[str, Any] = {"message": message, "type": code.type, "param": param, "code": code.name}
+    if (rid := REQUEST_ID.get()) != "-":
+        body["request_id"] = rid
+    return {"error": body}
 
 
 def code_from_name(name: str | None) -> ErrorCode:

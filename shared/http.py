@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -14,8 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.errors import ErrorCode, GKTError, error_body
+from shared.logs import REQUEST_ID
 
 log = logging.getLogger("gkt.http")
+T = TypeVar("T")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -75,13 +81,47 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette calls this outside the middlewares, where the request's context has ended: set it again.
         rid = request_id(request)
-        log.exception("internal error (request %s)", rid)
-        return error_response(GKTError(ErrorCode.internal_error, f"internal error (request id {rid})"), request)
+        token = REQUEST_ID.set(rid)
+        try:
+            log.exception("internal error (request %s)", rid)
+            return error_response(GKTError(ErrorCode.internal_error, f"internal error (request id {rid})"), request)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is http.disconnect: the client left (or the
+    # response is complete, which cannot happen before this request's answer is ready).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """C1 for non-streaming answers: ``work``'s result, or None when the client leaves first.
+
+    Without this a non-streaming request notices a gone client only when it writes the answer, so the
+    engine runs to the end for nobody. Here the connection is watched while ``work`` runs; a disconnect
+    cancels it at once, and its cleanup (closing the generation, which stops the engine at the next token)
+    runs to its end, shielded.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client left, or this request itself is being cancelled
+            task.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await task
+    return None if task.cancelled() else task.result()
 
 
 class RequestIdMiddleware:
-    """Takes a well-formed ``X-Request-ID`` from the client or makes one; echoes it on the response."""
+    """Takes a well-formed ``X-Request-ID`` from the client or makes one; echoes it on the response and sets
+    it as the request's context (``shared.logs.REQUEST_ID``) for logs, error bodies and calls it makes."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -93,6 +133,7 @@ class RequestIdMiddleware:
         given = dict(scope.get("headers") or []).get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1")
         rid = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        token = REQUEST_ID.set(rid)  # every log line and error body of this request carries it (O2)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -101,7 +142,10 @@ class RequestIdMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
 
 
 class BodyTooLarge(StarletteHTTPException):

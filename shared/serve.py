@@ -6,9 +6,12 @@ import asyncio
 import socket
 import sys
 from types import FrameType
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from shared.lifecycle import Lifecycle, drain
 
@@ -43,16 +46,32 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], service: str) -> S:
+    """The service's settings from the environment, or exit saying what is wrong: only pydantic's messages,
+    never its ``input_value`` (which could be a secret, S3)."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"gkt {service}: {problems}") from None
+
+
 def serve(app: FastAPI, host: str, port: int, log_level: str, drain_timeout_s: float,
-          tcp_user_timeout_s: float | None = None) -> None:
-    """Serve until signalled; exit with the lifecycle's code (1 after a fatal engine failure).
+          tls: dict[str, Any] | None = None, tcp_user_timeout_s: float | None = None) -> None:
+    """Serve until signalled; exit with the lifecycle's code (1 after a fatal engine failure). ``tls``: uvicorn's
+    ssl options (``shared.tls.server_options``).
 
     ``tcp_user_timeout_s`` (N3): a connection whose sent data stays unacknowledged this long is aborted by the
     kernel. Without it a peer behind a cut link is only given up after TCP's retransmissions (about 15
     minutes), and a stream blocked on the dead socket keeps its slot and its buffers all that time.
     """
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=max(1, round(drain_timeout_s / 4)))
+    # log_config=None: uvicorn's own lines (access log included) go to the root handler, which adds the
+    # request id (shared/logs.py).
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), log_config=None,
+                            timeout_graceful_shutdown=max(1, round(drain_timeout_s / 4)), **(tls or {}))
     server = DrainingServer(config, app.state.lifecycle, drain_timeout_s)
     sockets = None
     if tcp_user_timeout_s and hasattr(socket, "TCP_USER_TIMEOUT"):

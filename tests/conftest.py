@@ -12,16 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from cloud_service.auth import key_entry, new_key
 from gkt.launcher import Service, cloud_service, edge_service, free_port
+from shared.auth import key_entry, new_key
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
 
 ONE_THREAD = {"GKT_CLOUD_N_THREADS": "1", "GKT_EDGE_N_THREADS": "1"}
 # One edge key for the session: clouds store its hash, edges send it, tests call clouds with AUTH.
 EDGE_KEY = new_key()
 CLOUD_KEYS = {"GKT_CLOUD_API_KEYS": key_entry("tests", EDGE_KEY)}
-EDGE_AUTH = {"GKT_EDGE_CLOUD_API_KEY": EDGE_KEY}
+EDGE_AUTH = {"GKT_EDGE_CLOUD_API_KEY": EDGE_KEY}  # the edge's key at the cloud
 AUTH = {"Authorization": f"Bearer {EDGE_KEY}"}
+# And one client key: edges store its hash (EDGE_KEYS), tests call edges with CLIENT_AUTH.
+CLIENT_KEY = new_key()
+EDGE_KEYS = {"GKT_EDGE_API_KEYS": key_entry("tests", CLIENT_KEY)}
+CLIENT_AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+def auth_for(service: Service) -> dict[str, str]:
+    """The header a client needs to call ``service`` (the cloud's tenants are edges; the edge's, clients)."""
+    return CLIENT_AUTH if service.name == "edge" else AUTH
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +46,17 @@ def _run(service: Service) -> Iterator[Service]:
         service.stop()
 
 
+def run_pair(logs: Path, env: dict[str, str]) -> Iterator[tuple[Service, Service]]:
+    """A cloud and an edge it guides, both from ``env``, logging to ``logs``; for module fixtures."""
+    cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
+    edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()
+    try:
+        yield cloud.wait_ready(), edge.wait_ready()
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
 @pytest.fixture(scope="session")
 def cloud(logs: Path) -> Iterator[Service]:
     """The default teacher (Qwen2.5-Coder-1.5B) on llama.cpp, one thread."""
@@ -47,14 +67,14 @@ def cloud(logs: Path) -> Iterator[Service]:
 @pytest.fixture(scope="session")
 def edge(cloud: Service, logs: Path) -> Iterator[Service]:
     """The default student (Qwen2.5-Coder-0.5B) guided by ``cloud``."""
-    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, **EDGE_KEYS, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log"))
 
 
 @pytest.fixture(scope="session")
 def edge_smol(cloud: Service, logs: Path) -> Iterator[Service]:
     """SmolLM2-135M (a different vocabulary) guided by the Qwen teacher."""
-    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, **EDGE_KEYS, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud.url, env, log_path=logs / "edge_smol.log"))
 
 
@@ -76,5 +96,5 @@ def cloud_upstream(upstream: Service, logs: Path) -> Iterator[Service]:
 
 @pytest.fixture(scope="session")
 def edge_upstream(cloud_upstream: Service, logs: Path) -> Iterator[Service]:
-    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, **EDGE_KEYS, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud_upstream.url, env, log_path=logs / "edge_upstream.log"))

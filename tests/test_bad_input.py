@@ -12,27 +12,20 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
+from gkt.launcher import Service
+from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, auth_for, run_pair
 
 LIMITS = {
     "GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "512",
     "GKT_CLOUD_MAX_GUIDANCE_TOKENS": "16", "GKT_CLOUD_MAX_BODY_BYTES": "65536",
     "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "256",
-    "GKT_EDGE_MAX_BODY_BYTES": "65536", "GKT_EDGE_DEFAULT_MAX_TOKENS": "8", **CLOUD_KEYS, **EDGE_AUTH,
+    "GKT_EDGE_MAX_BODY_BYTES": "65536", "GKT_EDGE_DEFAULT_MAX_TOKENS": "8", **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS,
 }
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    logs = tmp_path_factory.mktemp("bad")
-    cloud = cloud_service(free_port(), LIMITS, log_path=logs / "cloud.log").start()
-    edge = edge_service(free_port(), cloud.url, LIMITS, log_path=logs / "edge.log").start()
-    try:
-        yield cloud.wait_ready(), edge.wait_ready()
-    finally:
-        edge.stop()
-        cloud.stop()
+    yield from run_pair(tmp_path_factory.mktemp("bad"), LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +55,7 @@ def test_v1_body_too_large_with_content_length(services: tuple[Service, Service]
     svc = services[which]
     for route in routes(svc):
         r = httpx.post(svc.url + route, content=b"x" * 70_000,
-                       headers={"content-type": "application/json", **AUTH})
+                       headers={"content-type": "application/json", **auth_for(svc)})
         assert assert_envelope(r, 413)["code"] == "payload_too_large"
 
 
@@ -76,7 +69,8 @@ def test_v1_body_too_large_chunked(services: tuple[Service, Service], which: int
             yield b"a" * 1000
         yield b'"}'
 
-    r = httpx.post(svc.url + routes(svc)[0], content=body(), headers={"content-type": "application/json", **AUTH})
+    r = httpx.post(svc.url + routes(svc)[0], content=body(),
+                   headers={"content-type": "application/json", **auth_for(svc)})
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
 
 
@@ -110,16 +104,16 @@ def test_v6_invalid_utf8_and_surrogates(services: tuple[Service, Service], which
     svc = services[which]
     route = routes(svc)[1] if svc.name == "edge" else routes(svc)[0]
     r = httpx.post(svc.url + route, content=b'{"prompt": "caf\xe9"}',
-                   headers={"content-type": "application/json", **AUTH})
+                   headers={"content-type": "application/json", **auth_for(svc)})
     assert_envelope(r, 400)
     r = httpx.post(svc.url + route, content=b'{"prompt": "lone \\ud800 surrogate"}',
-                   headers={"content-type": "application/json", **AUTH})
+                   headers={"content-type": "application/json", **auth_for(svc)})
     assert_envelope(r, 400)
 
 
 def test_v6_output_is_valid_utf8_when_characters_span_tokens(edge_url: str) -> None:
-    r = httpx.post(edge_url + "/v1/completions", json={"prompt": "Emoji: 😀🎉🚀 and 日本語:", "max_tokens": 12,
-                                                       "mode": "student"})
+    r = httpx.post(edge_url + "/v1/completions", headers=CLIENT_AUTH,
+                   json={"prompt": "Emoji: 😀🎉🚀 and 日本語:", "max_tokens": 12, "mode": "student"})
     assert r.status_code == 200
     r.content.decode("utf-8")  # raises if any byte sequence is broken
     assert "\ufffd" not in r.json()["choices"][0]["text"]
@@ -139,7 +133,7 @@ FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=list(Healt
 def test_v3_schema_fuzz_no_5xx_and_envelopes(services: tuple[Service, Service], which: int) -> None:
     """Every operation of the service's own OpenAPI, fuzzed (NUL bytes and all): no 5xx, errors enveloped."""
     svc = services[which]
-    schema = schemathesis.openapi.from_url(svc.url + "/openapi.json", headers=AUTH)
+    schema = schemathesis.openapi.from_url(svc.url + "/openapi.json", headers=auth_for(svc))
     operations = [op.ok() for op in schema.get_all_operations()]
     assert {op.path for op in operations} >= set(routes(svc))
     for op in operations:
@@ -147,8 +141,8 @@ def test_v3_schema_fuzz_no_5xx_and_envelopes(services: tuple[Service, Service], 
         @FUZZ
         @given(case=op.as_strategy())
         def fuzz(case) -> None:  # noqa: ANN001
-            case.call_and_validate(base_url=svc.url, headers=AUTH, checks=[not_a_server_error, envelope_check],
-                                   timeout=60)
+            case.call_and_validate(base_url=svc.url, headers=auth_for(svc),
+                                   checks=[not_a_server_error, envelope_check], timeout=60)
 
         fuzz()
 
@@ -156,7 +150,8 @@ def test_v3_schema_fuzz_no_5xx_and_envelopes(services: tuple[Service, Service], 
 def test_still_serving_after_the_fuzzing(services: tuple[Service, Service]) -> None:
     cloud, edge = services
     assert httpx.get(cloud.url + "/ready").status_code == 200 and httpx.get(edge.url + "/ready").status_code == 200
-    r = httpx.post(edge.url + "/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 4}, timeout=60)
+    r = httpx.post(edge.url + "/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 4}, headers=CLIENT_AUTH,
+                   timeout=60)
     assert r.status_code == 200 and r.json()["gkt"]["fallback"] is None
 
 

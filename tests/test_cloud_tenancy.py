@@ -14,14 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.routing import Route
 
 from cloud_service.app import create_app
-from cloud_service.auth import KeyRing, key_entry, new_key
 from cloud_service.engines.llama_cpp import LlamaTeacher
 from cloud_service.settings import CloudSettings
 from edge_agent.settings import EdgeSettings
+from shared.auth import KeyRing, key_entry, new_key
 from shared.protocol import GuidanceRequest, SSEDecoder, parse_frame
+from tests.auth_checks import compared_exactly, deny_by_default, limited_per_key
 
 KEY_A, KEY_B = new_key(), new_key()
 KEYS = f"{key_entry('edge-a', KEY_A)},{key_entry('edge-b', KEY_B)}"
@@ -59,32 +59,12 @@ def frames(raw: bytes) -> list:
 
 async def test_every_route_but_health_needs_a_key(teacher: LlamaTeacher) -> None:
     async with cloud(teacher) as client:
-        app = client.app  # type: ignore[attr-defined]
-        # Every route the app serves: the API (from its OpenAPI document) and plain routes such as /docs.
-        routes = {(path, method.upper()) for path, ops in app.openapi()["paths"].items() for method in ops}
-        routes |= {(r.path, m) for r in app.routes if isinstance(r, Route) for m in (r.methods or ())}
-        assert {p for p, _ in routes} >= {"/v1/guidance", "/v1/guidance/batch", "/v1/stats", "/v1/usage", "/docs"}
-        for path, method in sorted(routes):
-            r = await client.request(method, path, json={})
-            if path in ("/health", "/ready"):
-                assert r.status_code == 200, path
-            else:
-                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path)
-                if method != "HEAD":
-                    assert r.json()["error"]["code"] == "unauthorized"
-        for path in ("/docs", "/openapi.json", "/v1/not-a-route"):  # deny by default, even unknown paths
-            assert (await client.get(path)).status_code == 401
+        await deny_by_default(client, {"/v1/guidance", "/v1/guidance/batch", "/v1/stats", "/v1/usage"})
 
 
 async def test_keys_are_compared_exactly(teacher: LlamaTeacher) -> None:
     async with cloud(teacher) as client:
-        assert (await client.post("/v1/guidance", json=PROMPT, headers=A)).status_code == 200
-        for bad in (KEY_A.upper(), KEY_A.lower(), KEY_A[:-1], KEY_A + "x", "", f"{KEY_A} {KEY_B}"):
-            r = await client.post("/v1/guidance", json=PROMPT, headers={"Authorization": f"Bearer {bad}"})
-            assert r.status_code == 401, bad
-        r = await client.post("/v1/guidance", json=PROMPT, headers={"Authorization": f"Basic {KEY_A}"})
-        assert r.status_code == 401
-        assert KEY_A not in r.text
+        await compared_exactly(client, "/v1/guidance", PROMPT, KEY_A, KEY_B)
 
 
 def test_key_ring_stores_hashes_only() -> None:
@@ -112,12 +92,7 @@ def test_refuses_to_start_with_auth_on_and_no_keys() -> None:
 
 async def test_rate_limit_per_key(teacher: LlamaTeacher) -> None:
     async with cloud(teacher, rate_limit_burst=2, rate_limit_per_min=1) as client:
-        for _ in range(2):
-            assert (await client.post("/v1/guidance", json=PROMPT, headers=A)).status_code == 200
-        r = await client.post("/v1/guidance", json=PROMPT, headers=A)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
-        assert int(r.headers["retry-after"]) >= 1
-        assert (await client.post("/v1/guidance", json=PROMPT, headers=B)).status_code == 200  # others unaffected
+        await limited_per_key(client, "/v1/guidance", PROMPT, A, B, burst=2)
         # A batch costs one request per item.
         r = await client.post("/v1/guidance/batch", json={"requests": [PROMPT, PROMPT]}, headers=B)
         assert r.status_code == 429

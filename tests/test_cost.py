@@ -8,7 +8,7 @@ from openai import OpenAI
 
 from gkt.launcher import Service
 from shared.cost import StudentRates, TeacherRates, answer_cost, teacher_cost
-from tests.conftest import AUTH
+from tests.conftest import AUTH, CLIENT_AUTH, CLIENT_KEY
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
 RATES = TeacherRates(input_per_mtok=1.0, output_per_mtok=4.0, accelerator_per_hour=3.6)
@@ -75,13 +75,13 @@ def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -
     body = {"messages": [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
             "guidance_tokens": 12, "max_tokens": 60, "temperature": 0.7}  # sampled: never a cache hit
     before = usage(cloud)
-    r = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    r = httpx.post(edge.url + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     _check(r.json()["gkt"], diff(usage(cloud), before))
 
     # Streamed: the final chunk carries the same accounting, and the ledger agrees.
     before = usage(cloud)
-    client = OpenAI(base_url=edge.url + "/v1", api_key="unused", timeout=600)
+    client = OpenAI(base_url=edge.url + "/v1", api_key=CLIENT_KEY, timeout=600)
     final = None
     for chunk in client.chat.completions.create(model="gkt", stream=True, **{k: v for k, v in body.items()
                                                 if k in ("messages", "max_tokens", "temperature")},

@@ -13,7 +13,7 @@ from gkt.launcher import Service
 from shared.protocol import SSEDecoder, parse_frame
 from shared.tasks import GSM8K
 from shared.words import WORD_ALLOWANCE, boundary_between
-from tests.conftest import AUTH
+from tests.conftest import AUTH, CLIENT_AUTH, CLIENT_KEY, auth_for
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -24,7 +24,7 @@ def first_gsm8k():
 
 
 def post(service: Service, path: str, body: dict) -> httpx.Response:
-    return httpx.post(service.url + path, json=body, timeout=TIMEOUT, headers=AUTH)
+    return httpx.post(service.url + path, json=body, timeout=TIMEOUT, headers=auth_for(service))
 
 
 def teacher_alone(cloud: Service, prompt: str, k: int) -> dict:
@@ -135,7 +135,7 @@ def test_teacher_mode_is_the_teacher_alone(edge: Service, cloud: Service) -> Non
 
 
 def test_openai_client_streams_guidance_then_student(edge: Service) -> None:
-    client = OpenAI(base_url=edge.url + "/v1", api_key="unused", timeout=600)
+    client = OpenAI(base_url=edge.url + "/v1", api_key=CLIENT_KEY, timeout=600)
     stream = client.chat.completions.create(
         model="gkt", messages=[{"role": "user", "content": first_gsm8k().question}], stream=True,
         max_tokens=80, stream_options={"include_usage": True}, extra_body={"task": "gsm8k", "guidance_tokens": 20},
@@ -248,9 +248,9 @@ def test_edge_context_error_states_counts(edge: Service) -> None:
 
 def test_edge_malformed_json_and_unknown_route(edge: Service) -> None:
     r = httpx.post(edge.url + "/v1/chat/completions", content=b"{not json", timeout=TIMEOUT,
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", **CLIENT_AUTH})
     assert r.status_code == 400 and envelope(r)["code"] == "invalid_request"
-    r = httpx.get(edge.url + "/v1/nothing", timeout=TIMEOUT)
+    r = httpx.get(edge.url + "/v1/nothing", timeout=TIMEOUT, headers=CLIENT_AUTH)
     assert r.status_code == 404 and envelope(r)["code"] == "not_found"
 
 

@@ -49,7 +49,8 @@ def fake_cloud(frames: list, status: int = 200) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def edge(student: LlamaEngine, http: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(EdgeSettings(n_ctx=2048, cloud_connect_timeout_s=1.0), student=student, http=http)
+    # In process, faults are the point: client keys are off, explicitly (they are tested in test_edge_auth.py).
+    app = create_app(EdgeSettings(n_ctx=2048, cloud_connect_timeout_s=1.0, auth=False), student=student, http=http)
     async with app.router.lifespan_context(app), httpx.AsyncClient(
         transport=httpx.ASGITransport(app), base_url="http://edge", timeout=120
     ) as client:

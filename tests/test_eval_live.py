@@ -16,6 +16,7 @@ from gkt.launcher import Service
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER
 from shared.tasks import CSQA, GSM8K
 from shared.words import WORD_ALLOWANCE
+from tests.conftest import CLIENT_KEY
 
 pytestmark = pytest.mark.models
 
@@ -26,7 +27,7 @@ def test_cli_end_to_end_gsm8k(edge: Service, tmp_path: Path) -> None:
     """Three GSM8K questions, teacher-only, student-only and gkt k=10, through the live services."""
     out = tmp_path / "out"
     argv = ["eval", "--task", "gsm8k", "--data", str(DATA / "gsm8k" / "train.jsonl"), "-n", "3", "--k", "10",
-            "--max-tokens", "160", "--edge-url", edge.url, "--out", str(out)]
+            "--max-tokens", "160", "--edge-url", edge.url, "--api-key", CLIENT_KEY, "--out", str(out)]
     with pytest.raises(SystemExit) as done:
         cli.main(argv)
     assert done.value.code == 0
@@ -66,8 +67,8 @@ def test_cli_end_to_end_gsm8k(edge: Service, tmp_path: Path) -> None:
 class CountingClient(EdgeClient):
     """The real client, counting which (question, config) pairs it asked (the warm-up apart)."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, api_key: str | None = None) -> None:
+        super().__init__(url, api_key=api_key)
         self.asked: list[tuple[str, str]] = []
         self.warm_ups = 0
 
@@ -84,7 +85,7 @@ def test_resume_after_interruption_repeats_nothing(edge: Service, tmp_path: Path
     order = configs("csqa", ["student", "gkt"], [5], 40, DEFAULT_TEACHER, DEFAULT_STUDENT)
     path = tmp_path / "results.jsonl"
 
-    first = CountingClient(edge.url)
+    first = CountingClient(edge.url, api_key=CLIENT_KEY)
     seen = 0
 
     def stop_after_two(_: dict) -> None:
@@ -97,14 +98,14 @@ def test_resume_after_interruption_repeats_nothing(edge: Service, tmp_path: Path
         run(examples, order, first, ResultStore(path), "external", on_record=stop_after_two)
     assert len(first.asked) == 2 and first.warm_ups == 1
 
-    second = CountingClient(edge.url)
+    second = CountingClient(edge.url, api_key=CLIENT_KEY)
     written = run(examples, order, second, ResultStore(path), "external")
     assert written == 4 and not set(first.asked) & set(second.asked)
 
     store = ResultStore(path)
     assert len(store.records) == 6 and len(path.read_text().splitlines()) == 6
     assert {(c.key, e.id) for e in examples for c in order} == set(store.records)
-    third = CountingClient(edge.url)
+    third = CountingClient(edge.url, api_key=CLIENT_KEY)
     assert run(examples, order, third, ResultStore(path), "external") == 0 and third.asked == []
     assert third.warm_ups == 0  # nothing left to do: not even a warm-up
 
@@ -113,7 +114,7 @@ def test_refuses_results_from_another_model_pair(edge: Service, tmp_path: Path) 
     examples = sample(CSQA, DATA / "csqa" / "train.jsonl", 1, seed=0)
     order = configs("csqa", ["student"], [], 8, DEFAULT_TEACHER, "some-other-student")
     with pytest.raises(EvalError, match="--student"):
-        run(examples, order, EdgeClient(edge.url), ResultStore(tmp_path / "r.jsonl"), "external")
+        run(examples, order, EdgeClient(edge.url, api_key=CLIENT_KEY), ResultStore(tmp_path / "r.jsonl"), "external")
     assert not (tmp_path / "r.jsonl").exists()
 
 

@@ -25,7 +25,7 @@ from shared.llama import (
 )
 from shared.models import DEFAULT_STUDENT, resolve
 from shared.tasks import GSM8K
-from tests.conftest import EDGE_AUTH, ONE_THREAD
+from tests.conftest import CLIENT_AUTH, EDGE_AUTH, EDGE_KEYS, ONE_THREAD
 
 GREEDY = GenerationParams(max_tokens=24, temperature=0.0)
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -222,7 +222,7 @@ async def test_concurrent_requests_with_prefetchers_all_finish(engine: LlamaEngi
 @pytest.fixture(scope="module")
 def edge_slow(cloud: Service, logs: Path) -> Iterator[Service]:
     """The default student without the fast path, guided by the same cloud."""
-    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048",
+    env = {**ONE_THREAD, **EDGE_AUTH, **EDGE_KEYS, "GKT_EDGE_MODEL": DEFAULT_STUDENT, "GKT_EDGE_N_CTX": "2048",
            "GKT_EDGE_FAST_PATH": "false"}
     service = edge_service(free_port(), cloud.url, env, log_path=logs / "edge_slow.log").start()
     try:
@@ -232,7 +232,7 @@ def edge_slow(cloud: Service, logs: Path) -> Iterator[Service]:
 
 
 def ask(edge: Service, body: dict) -> dict:
-    r = httpx.post(edge.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    r = httpx.post(edge.url + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     return r.json()
 

@@ -17,10 +17,10 @@ from cloud_service.app import create_app as create_cloud
 from cloud_service.settings import CloudSettings
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.generation import GenerationResult, Piece
-from tests.conftest import AUTH, CLOUD_KEYS
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_KEYS
 
 SMOL_EDGE = {"GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "2048",
-             "GKT_EDGE_DRAIN_TIMEOUT_S": "2"}
+             "GKT_EDGE_DRAIN_TIMEOUT_S": "2", **EDGE_KEYS}
 SMOL_CLOUD = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
               "GKT_CLOUD_DRAIN_TIMEOUT_S": "2", **CLOUD_KEYS}
 @pytest.fixture
@@ -35,9 +35,9 @@ def stop_later() -> Iterator[Callable[[Service], Service]]:
 LONG = {"prompt": "Once upon a time", "max_tokens": 1800, "mode": "student", "stream": True}
 
 
-def stream_in_thread(url: str, body: dict, out: list) -> threading.Thread:
+def stream_in_thread(url: str, body: dict, out: list, headers: dict = CLIENT_AUTH) -> threading.Thread:
     def run() -> None:
-        with httpx.stream("POST", url, json=body, headers=AUTH, timeout=60) as r:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
             out.append(r.status_code)
             out.extend(line for line in r.iter_lines() if line.startswith("data: "))
     t = threading.Thread(target=run)
@@ -63,7 +63,8 @@ def test_edge_drains_on_sigterm(tmp_path: Path, stop_later) -> None:
     time.sleep(0.3)
     ready = httpx.get(edge.url + "/ready", timeout=5)
     assert ready.status_code == 503 and ready.json()["reasons"] == ["draining"]  # G1: at once
-    refused = httpx.post(edge.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
+    refused = httpx.post(edge.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, headers=CLIENT_AUTH,
+                         timeout=5)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert refused.headers["retry-after"]
     assert httpx.get(edge.url + "/health", timeout=5).status_code == 200  # H1: liveness unaffected
@@ -92,7 +93,7 @@ def test_short_requests_finish_during_drain(tmp_path: Path, stop_later) -> None:
 def test_cloud_drain_ends_open_streams_with_an_error_frame(tmp_path: Path, stop_later) -> None:
     cloud = stop_later(cloud_service(free_port(), SMOL_CLOUD, log_path=tmp_path / "cloud.log")).start().wait_ready()
     out: list = []
-    t = stream_in_thread(cloud.url + "/v1/guidance", {"prompt": "Once upon a time", "max_tokens": 1800}, out)
+    t = stream_in_thread(cloud.url + "/v1/guidance", {"prompt": "Once upon a time", "max_tokens": 1800}, out, AUTH)
     wait_for_data(out)
     cloud.proc.send_signal(signal.SIGTERM)
     assert cloud.proc.wait(timeout=30) == 0

@@ -17,7 +17,7 @@ import pytest
 
 from gkt.bench.load import Target, l1, soak
 from gkt.launcher import Service, cloud_service, edge_service, free_port
-from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 from tests.test_cancellation import wait_until
 
 SLOTS = 2
@@ -26,7 +26,7 @@ LOAD_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "
             "GKT_CLOUD_CACHE_MAX_ENTRIES": "0", "GKT_CLOUD_RATE_LIMIT_PER_MIN": "1000000",
             "GKT_CLOUD_RATE_LIMIT_BURST": "100000", **CLOUD_KEYS,
             "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "1024",
-            **EDGE_AUTH}
+            **EDGE_AUTH, **EDGE_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_c4_connect_cancel_soak_stays_flat(pair: tuple[Service, Service]) -> Non
     nothing is left in flight."""
     cloud, edge = pair
     body = {"prompt": "Once upon a time", "max_tokens": 60, "guidance_tokens": 40}
-    report = asyncio.run(soak(edge.url, AUTH, 150, {"cloud": cloud.proc.pid, "edge": edge.proc.pid},
+    report = asyncio.run(soak(edge.url, CLIENT_AUTH, 150, {"cloud": cloud.proc.pid, "edge": edge.proc.pid},
                               path="/v1/completions", body=body))
     print("\nC4 soak:", json.dumps(report, indent=1))
     assert report["after_status"] == 200

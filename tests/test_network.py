@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from tests import netns
-from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH
+from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 
 CLOUD_PORT, EDGE_PORT, EDGE_PX_PORT, PROXY_PORT = 8001, 8002, 8003, 9001
 IDLE_S, GUIDANCE_S, CONNECT_S, USER_TIMEOUT_S = 3.0, 12.0, 1.0, 5.0
@@ -37,7 +37,7 @@ CLOUD_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": 
 EDGE_ENV = {"GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
             "GKT_EDGE_HOST": "0.0.0.0", "GKT_EDGE_CLOUD_READ_TIMEOUT_S": str(IDLE_S),
             "GKT_EDGE_GUIDANCE_TIMEOUT_S": str(GUIDANCE_S), "GKT_EDGE_CLOUD_CONNECT_TIMEOUT_S": str(CONNECT_S),
-            "GKT_EDGE_CLOUD_RETRIES": "1", "GKT_EDGE_BREAKER_THRESHOLD": "1000", **EDGE_AUTH}
+            "GKT_EDGE_CLOUD_RETRIES": "1", "GKT_EDGE_BREAKER_THRESHOLD": "1000", **EDGE_AUTH, **EDGE_KEYS}
 # k = max_tokens: the teacher is still writing when the fault strikes; the student then finishes the rest.
 LONG = {"prompt": "Write a long story about a dragon and a knight.", "max_tokens": 300, "guidance_tokens": 300}
 TIMINGS: dict[str, dict] = {}
@@ -149,7 +149,7 @@ class Answer:
 def stream(edge: netns.NetnsService, body: dict, on_teacher: Callable[[int], None] | None = None) -> Answer:
     """A streamed gkt completion; ``on_teacher(n)`` is called after the n-th guidance chunk arrives."""
     a = Answer()
-    with httpx.stream("POST", edge.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH,
+    with httpx.stream("POST", edge.url + "/v1/completions", json={**body, "stream": True}, headers=CLIENT_AUTH,
                       timeout=httpx.Timeout(120, connect=10)) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
@@ -175,7 +175,7 @@ def stream(edge: netns.NetnsService, body: dict, on_teacher: Callable[[int], Non
 
 
 def complete(edge: netns.NetnsService, body: dict) -> dict:
-    r = httpx.post(edge.url + "/v1/completions", json=body, headers=AUTH, timeout=120)
+    r = httpx.post(edge.url + "/v1/completions", json=body, headers=CLIENT_AUTH, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -236,7 +236,7 @@ def slow_read(host: str, port: int, body: dict, chunk: int = 256, pause: float =
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect((host, port))
-    auth = "".join(f"{k}: {v}\r\n" for k, v in AUTH.items())
+    auth = "".join(f"{k}: {v}\r\n" for k, v in CLIENT_AUTH.items())
     s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{auth}"
               f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
     data, t0 = b"", time.monotonic()

@@ -23,7 +23,7 @@ import pytest
 from gkt import observability
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from gkt.testbed import prometheus_service
-from tests.conftest import CLOUD_KEYS, EDGE_AUTH
+from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = shutil.which("docker-compose", path=str(Path(sys.executable).parent)) or shutil.which("docker-compose")
@@ -80,7 +80,7 @@ def test_promtool_accepts_config() -> None:
 SMOL = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
         "GKT_CLOUD_MAX_GUIDANCE_TOKENS": "64",
         "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "2048",
-        **CLOUD_KEYS, **EDGE_AUTH}
+        **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_metrics_counters_and_dashboard_queries(stack: tuple[Service, Service, S
         for path, body, outcome in ROUND:
             # A different question each round: identical greedy requests would be guidance-cache hits.
             body = json.loads(json.dumps(body).replace("6 times 7", f"6 times {7 + round_no}"))
-            r = httpx.post(edge.url + path, json=body, timeout=120)
+            r = httpx.post(edge.url + path, json=body, headers=CLIENT_AUTH, timeout=120)
             sent[outcome] += 1
             if outcome[2] == "rejected":
                 assert r.status_code == 400

@@ -17,7 +17,7 @@ import pytest
 from gkt import vllm
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.protocol import SSEDecoder, parse_frame
-from tests.conftest import AUTH, CLOUD_KEYS, EDGE_AUTH, ONE_THREAD, _run
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, ONE_THREAD, _run
 
 pytestmark = pytest.mark.vllm
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -40,7 +40,7 @@ def cloud_vllm(vllm_server: Service, logs: Path) -> Iterator[Service]:
 
 @pytest.fixture(scope="module")
 def edge_vllm(cloud_vllm: Service, logs: Path) -> Iterator[Service]:
-    env = {**ONE_THREAD, **EDGE_AUTH, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
+    env = {**ONE_THREAD, **EDGE_AUTH, **EDGE_KEYS, "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_CTX": "2048"}
     yield from _run(edge_service(free_port(), cloud_vllm.url, env, log_path=logs / "edge_vllm.log"))
 
 
@@ -105,7 +105,7 @@ async def test_concurrent_guidance_through_vllm(vllm_server: Service, cloud_vllm
 def test_real_edge_is_guided_by_vllm(vllm_server: Service, edge_vllm: Service) -> None:
     r = httpx.post(edge_vllm.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Why is the sky blue? Explain briefly."}],
-        "guidance_tokens": 12, "max_tokens": 48}, timeout=TIMEOUT)
+        "guidance_tokens": 12, "max_tokens": 48}, headers=CLIENT_AUTH, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     body = r.json()
     gkt = body["gkt"]

@@ -23,6 +23,7 @@ from gkt.eval import plots, report, stats
 from gkt.eval.records import ResultStore, configs, model_label, sample
 from gkt.eval.runner import EdgeClient, EvalError, run
 from gkt.eval.stack import TIMING_MODES, local_stack, split_possible
+from gkt.launcher import CLIENT_KEY_FILE, read_key
 from shared.cost import PRICE_NAMES, PriceTable
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER
 from shared.tasks import TASKS
@@ -64,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher: registry name or GGUF path")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="student: registry name or GGUF path")
     p.add_argument("--edge-url", default=None, help="use a running edge instead of starting cloud and edge")
+    p.add_argument("--api-key", default=None,
+                   help="with --edge-url: the edge's client key (default: $GKT_EDGE_API_KEY, else the key "
+                   "`gkt up` keeps)")
     p.add_argument("--no-split", dest="split", action="store_false",
                    help="do not pin cloud and edge to separate cores when starting them")
     p.add_argument("--out", type=Path, default=Path("eval-results"), help="output directory")
@@ -142,7 +146,8 @@ def _run(args: argparse.Namespace, order: list, examples: list, store: ResultSto
         print(f"gkt eval: ignored {store.torn_lines} torn line(s) in {store.path}", file=sys.stderr)
     try:
         if args.edge_url:
-            client = EdgeClient(args.edge_url, args.timeout)
+            key = args.api_key or os.environ.get("GKT_EDGE_API_KEY") or read_key(CLIENT_KEY_FILE)
+            client = EdgeClient(args.edge_url, args.timeout, api_key=key)
             try:
                 run(examples, order, client, store, "external")
             finally:

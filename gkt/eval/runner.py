@@ -29,9 +29,10 @@ class EvalError(RuntimeError):
 class EdgeClient:
     """Non-streaming ``/v1/completions`` calls with the task, mode and k extension fields."""
 
-    def __init__(self, base_url: str, timeout_s: float = 600.0, retries: int = 5) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 600.0, retries: int = 5, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0), headers=headers)
         self.retries = retries
 
     def close(self) -> None:

@@ -49,8 +49,9 @@ class Stack:
 @contextmanager
 def local_stack(teacher: str, student: str, split: bool, log_dir: Path, n_ctx: int = 2048) -> Iterator[Stack]:
     """Cloud + edge on loopback ports, pinned apart when ``split``; stops both on exit."""
-    # A private pair on loopback: the cloud needs no edge key here.
-    one = {"GKT_CLOUD_N_THREADS": "1", "GKT_EDGE_N_THREADS": "1", "GKT_CLOUD_AUTH": "false"}
+    # A private pair on loopback that only this harness calls: auth is off on both, explicitly.
+    one = {"GKT_CLOUD_N_THREADS": "1", "GKT_EDGE_N_THREADS": "1", "GKT_CLOUD_AUTH": "false",
+           "GKT_EDGE_AUTH": "false"}
     cloud = cloud_service(free_port(), {**one, "GKT_CLOUD_MODEL": teacher, "GKT_CLOUD_N_CTX": str(n_ctx)},
                           log_path=log_dir / "cloud.log")
     edge = edge_service(free_port(), cloud.url, {**one, "GKT_EDGE_MODEL": student, "GKT_EDGE_N_CTX": str(n_ctx)},

@@ -1,9 +1,11 @@
-"""Edges are tenants: API keys (stored as SHA-256 hashes, compared in constant time) and per-key rate limits.
+"""API keys (stored as SHA-256 hashes, compared in constant time) and per-key rate limits, for both services.
 
-Deny by default (S1): ``AuthMiddleware`` refuses every path except ``/health`` and ``/ready`` without a
-valid ``Authorization: Bearer <key>``, including paths no route serves yet. Keys are random 256-bit
-strings, so a plain SHA-256 is enough to keep the stored form useless to a reader (no password stretching
-needed); every stored hash is compared with ``hmac.compare_digest`` so timing tells nothing (S2).
+Callers are tenants: edges calling the cloud (``GKT_CLOUD_API_KEYS``), clients calling the edge
+(``GKT_EDGE_API_KEYS``). Deny by default (S1): ``AuthMiddleware`` refuses every path except ``/health``,
+``/ready`` and ``/metrics`` without a valid ``Authorization: Bearer <key>``, including paths no route serves
+yet. Keys are random 256-bit strings, so a plain SHA-256 is enough to keep the stored form useless to a
+reader (no password stretching needed); every stored hash is compared with ``hmac.compare_digest`` so
+timing tells nothing (S2). Keys are never logged or echoed (S3); auth on without a key refuses to start (S6).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _ENTRY = re.compile(r"^([A-Za-z0-9._-]{1,64}):([0-9a-f]{64})$")
 
 
 def new_key() -> str:
-    """A fresh edge key."""
+    """A fresh API key (for an edge at the cloud, or a client at the edge)."""
     return "gkt_" + secrets.token_urlsafe(32)
 
 
@@ -36,14 +38,15 @@ def hash_key(key: str) -> str:
 
 
 def key_entry(name: str, key: str) -> str:
-    """The ``name:sha256hex`` entry the cloud stores for ``key``."""
+    """The ``name:sha256hex`` entry a service stores for ``key``."""
     return f"{name}:{hash_key(key)}"
 
 
 class KeyRing:
-    """The tenants' key hashes, parsed from ``GKT_CLOUD_API_KEYS``."""
+    """The tenants' key hashes, parsed from comma-separated ``name:sha256hex`` entries (``source`` names the
+    setting in error messages)."""
 
-    def __init__(self, entries: str) -> None:
+    def __init__(self, entries: str, source: str = "GKT_CLOUD_API_KEYS") -> None:
         self._hashes: list[tuple[str, bytes]] = []
         for raw in (e.strip() for e in entries.split(",")):
             if not raw:
@@ -51,7 +54,7 @@ class KeyRing:
             m = _ENTRY.match(raw)
             if m is None:
                 # Never echo the entry: it might be a key pasted by mistake.
-                raise ValueError("GKT_CLOUD_API_KEYS entries must look like name:<64 lowercase hex digits>")
+                raise ValueError(f"{source} entries must look like name:<64 lowercase hex digits>")
             self._hashes.append((m.group(1), bytes.fromhex(m.group(2))))
 
     def __len__(self) -> int:
@@ -64,6 +67,18 @@ class KeyRing:
             if hmac.compare_digest(digest, stored) and found is None:
                 found = name
         return found
+
+
+def key_ring(enabled: bool, entries: str, prefix: str, hint: str) -> KeyRing | None:
+    """The keys of a service whose settings use env ``prefix`` (``GKT_CLOUD_``, ``GKT_EDGE_``); None when auth
+    is off. S6: auth on with no key would lock everyone out, so that refuses to start instead."""
+    if not enabled:
+        return None
+    keys = KeyRing(entries, f"{prefix}API_KEYS")
+    if not len(keys):
+        raise RuntimeError(f"{prefix}AUTH is on but {prefix}API_KEYS is empty: {hint} "
+                           f"or set {prefix}AUTH=false on a trusted network")
+    return keys
 
 
 class AuthMiddleware:
