@@ -17,6 +17,9 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Report each sampled token's log-probability (one pass over the vocabulary per token; off by default,
+    # so the normal path does not pay for it).
+    logprobs: bool = False
 
 
 @dataclass
@@ -25,6 +28,9 @@ class Piece:
 
     text: str
     tokens: int = 1
+    # Natural-log probability of each of the ``tokens`` sampled tokens under the model (before temperature and
+    # top-p), when ``GenerationParams.logprobs`` asked for them.
+    logprobs: list[float] | None = None
 
 
 @dataclass
