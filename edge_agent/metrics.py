@@ -57,6 +57,21 @@ class EdgeMetrics:
                                          registry=r)
         for side in ("teacher", "student"):
             self.cost.labels(side)
+        self.guidance_calls = Counter("gkt_edge_guidance_calls_total",
+                                      "Guidance calls to the cloud: kind=first (one per gkt/teacher answer) or "
+                                      "reguide (the student's confidence dropped; see the reguide policy).",
+                                      ["kind"], registry=r)
+        self.guidance_ended_early = Counter("gkt_edge_guidance_ended_early_total",
+                                            "First guidance ended by the edge at a step boundary (adaptive).",
+                                            registry=r)
+        self.student_discarded = Counter("gkt_edge_student_discarded_tokens_total",
+                                         "Student tokens taken back when the teacher was called again.", registry=r)
+        self.answers_by_policy = Counter("gkt_edge_answers_by_policy_total", "gkt-mode answers by guidance policy.",
+                                         ["policy"], registry=r)
+        for kind in ("first", "reguide"):
+            self.guidance_calls.labels(kind)
+        for policy in ("fixed", "adaptive", "reguide"):
+            self.answers_by_policy.labels(policy)
         self.fallbacks = Counter("gkt_edge_fallbacks_total",
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
@@ -103,6 +118,13 @@ class EdgeMetrics:
         if info.cost.teacher_only is not None:
             self.teacher_only_cost.inc(info.cost.teacher_only)
         self.student_tokens.inc(info.usage.student_tokens)
+        for call in info.calls:
+            self.guidance_calls.labels(call.kind).inc()
+            if call.finish == "early":
+                self.guidance_ended_early.inc()
+        self.student_discarded.inc(info.usage.student_discarded_tokens)
+        if info.policy is not None:
+            self.answers_by_policy.labels(info.policy["name"]).inc()
         if t.cloud_ttft_s is not None:
             self.guidance_first.observe(t.cloud_ttft_s)
         if t.guidance_last_token_s is not None:

@@ -10,23 +10,26 @@ from what arrived (``partial``). Either way the answer is not lost.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from edge_agent.cloud import CloudClient
 from edge_agent.fastpath import Prefetcher
+from edge_agent.policies import FirstStop, FixedPolicy, ReguidePolicy, Reguider, Trigger, first_stop
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
+from edge_agent.rollback import StudentRound
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
 from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, Piece
+from shared.generation import GenerationParams, GenerationResult
 from shared.llama import LlamaEngine
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
@@ -45,6 +48,12 @@ class GKTUsage(BaseModel):
     guidance_student_tokens: int = 0
     student_tokens: int = 0
     student_cached_tokens: int = 0  # of prompt + guidance, already in the KV cache when the student started
+    # Tokens the student generated and then gave back to the teacher (re-guidance takes back an unsure span);
+    # ``student_tokens`` counts only those in the answer. Both cost student time.
+    student_discarded_tokens: int = 0
+    # The teacher's prompt tokens of a guidance call the edge ended early (adaptive) are not reported by the
+    # cloud; they are counted with the student's tokenizer instead, and this says so.
+    teacher_prompt_tokens_estimated: bool = False
 
 
 class GKTTimings(BaseModel):
@@ -60,8 +69,26 @@ class GKTTimings(BaseModel):
     student_queue_s: float | None = None
     student_prompt_s: float | None = None
     student_generation_s: float | None = None
+    reguide_s: float | None = None  # the student stopped until it went on, summed over re-guidance calls
     total_s: float = 0.0
     teacher: Timings | None = None
+
+
+class GuidanceCall(BaseModel):
+    """One guidance call of an answer: the first, or a re-guidance in the middle of the student's text."""
+
+    kind: Literal["first", "reguide"]
+    reason: str | None = None  # re-guidance: low_confidence or decision_point
+    offset: int = 0  # where its text starts in the answer, in characters
+    text: str = ""  # the guidance kept in the answer (cut at a safe boundary)
+    max_tokens: int = 0  # teacher tokens asked for
+    teacher_tokens: int = 0  # teacher tokens received
+    prompt_tokens: int | None = None  # the teacher's prompt tokens (None: ended early, the cloud did not say)
+    finish: str | None = None  # length, stop (teacher ended the answer), early (the edge ended it), or error code
+    cloud_ttft_s: float | None = None
+    s: float | None = None  # request sent to its end
+    cost: TeacherCost | None = None  # as the cloud stated it in the done frame
+    last_token_at: float | None = Field(None, exclude=True)  # perf_counter() of the last token (handoff gap)
 
 
 class GKTInfo(BaseModel):
@@ -83,6 +110,9 @@ class GKTInfo(BaseModel):
     timings: GKTTimings = Field(default_factory=GKTTimings)
     guidance_cached: bool = False
     cost: AnswerCost = Field(default_factory=AnswerCost)
+    policy: dict[str, Any] | None = None  # the guidance policy with all its parameters (gkt mode)
+    guidance_calls: int = 0  # calls to the cloud for this answer (first guidance and re-guidance)
+    calls: list[GuidanceCall] = Field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +151,7 @@ class Plan:
     stop: list[str] = field(default_factory=list)
     task: Task | None = None
     guidance: GuidanceRequest | None = None  # what the cloud will be asked (gkt and teacher modes)
+    policy: Any = field(default_factory=FixedPolicy)  # gkt mode: FixedPolicy | AdaptivePolicy | ReguidePolicy
 
 
 class Pipeline:
@@ -162,8 +193,11 @@ class Pipeline:
             self.student.check_fits(len(tokens), max_tokens, param)
         if mode != "teacher" and self.student.busy and self.student.waiting >= self.student.max_waiting:
             raise GKTError(ErrorCode.overloaded, "the student is busy; try again shortly", retry_after=1.0)
+        policy = req.guidance_policy or FixedPolicy()
         k = max_tokens if mode == "teacher" else min(req.guidance_tokens or self.settings.default_guidance_tokens,
                                                       max_tokens)
+        if mode == "gkt" and (stopper := first_stop(policy)) is not None:
+            k = min(stopper.request_tokens(), max_tokens)
         guidance = None
         if mode != "student":
             try:
@@ -179,7 +213,7 @@ class Pipeline:
         return Plan(
             mode=mode, messages=messages, raw_prompt=raw, student_prefix=prefix, student_tokens=tokens,
             special=special, max_tokens=max_tokens, k=k, temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed, stop=stop, task=task, guidance=guidance,
+            seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy,
         )
 
     # --- running ---------------------------------------------------------------------------------------
@@ -206,136 +240,297 @@ class Pipeline:
     ) -> AsyncIterator[Delta | Summary]:
         parts: list[str] = []
         finish: Literal["stop", "length"] | None = None
-        t_last_guidance: float | None = None
 
         def first_token() -> None:
             if info.timings.ttft_s is None:
                 info.timings.ttft_s = perf_counter() - t0
 
-        teacher_cost: TeacherCost | None = None
-
-        if plan.mode in ("gkt", "teacher"):
+        if plan.mode == "gkt":
+            info.policy = plan.policy.model_dump()
+        first: GuidanceCall | None = None
+        if plan.mode == "teacher":
             info.guidance_tokens = plan.k
-            done: DoneFrame | None = None
-            seam = GuidanceSeam() if plan.mode == "gkt" else None
-            async with aclosing(self._guidance(plan, info)) as guidance:
+            first = GuidanceCall(kind="first", max_tokens=plan.k)
+            info.calls.append(first)
+            async with aclosing(self._guidance(plan, plan.guidance, info, first)) as guidance:  # type: ignore[arg-type]
                 async for item in guidance:
-                    if isinstance(item, DoneFrame):
-                        done = item
-                        teacher_cost = item.cost
-                        continue
-                    t_last_guidance = perf_counter()
-                    out = seam.feed(item) if seam else item
+                    if isinstance(item, str):
+                        first_token()
+                        parts.append(item)
+                        yield Delta(item, "teacher")
+            first.text = info.guidance = "".join(parts)
+            info.guidance_complete = first.finish == "stop"
+            finish = "stop" if info.guidance_complete else "length"
+        elif plan.mode == "gkt":
+            info.guidance_tokens = plan.k
+            first = GuidanceCall(kind="first", max_tokens=plan.k)
+            info.calls.append(first)
+            async with aclosing(self._guide(plan, info, first, "", prefetch, first_stop(plan.policy))) as texts:
+                async for out in texts:
+                    first_token()
+                    parts.append(out)
+                    yield Delta(out, "teacher")
+            info.guidance = first.text
+            info.guidance_complete = first.finish == "stop"
+            if info.guidance_complete:
+                finish = "stop"
+
+        # The student, in rounds: under the reguide policy a round may end with a call for more guidance.
+        reguider: Reguider | None = None
+        if plan.mode == "gkt" and isinstance(plan.policy, ReguidePolicy):
+            reguider = Reguider(plan.policy, first.teacher_tokens if first else 0)
+            reguider.guided(0, first.cloud_ttft_s if first else None, reguide=False)
+            if info.fallback or info.partial:
+                reguider.stop()  # the cloud is in trouble: do not make this answer wait on it again
+        answer = "".join(parts)
+        student_ran = False
+        generated = kept = 0
+        while finish is None:
+            tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
+            remaining = plan.max_tokens - (len(tokens) - len(plan.student_tokens))
+            if prefetch is not None:
+                await prefetch.close()  # the handoff: the student's own generation takes the context
+                prefetch = None
+            if remaining <= 0:
+                finish = "length"
+                break
+            watch = reguider is not None and reguider.budget_left()
+            params = GenerationParams(max_tokens=remaining, temperature=plan.temperature, top_p=plan.top_p,
+                                      seed=plan.seed, stop=plan.stop, logprobs=watch)
+            halt = threading.Event()
+            rnd = StudentRound()
+            trigger: Trigger | None = None
+            if reguider is not None:
+                reguider.new_round()
+            student_ran = True
+            async with aclosing(self.student.stream(tokens, params, halt)) as gen:
+                async for piece in gen:
+                    if isinstance(piece, GenerationResult):
+                        self._student_done(piece, info)
+                        generated += piece.completion_tokens
+                        if trigger is None:
+                            kept += piece.completion_tokens
+                            finish = "stop" if piece.finish_reason == "stop" else "length"
+                            out = rnd.finish()
+                        else:
+                            kept += rnd.kept_tokens
+                            out = ""
+                    elif trigger is not None:
+                        continue  # decoded after the stop was asked for: generated, not used
+                    else:
+                        if info.timings.handoff_gap_s is None and first is not None and first.last_token_at:
+                            info.timings.handoff_gap_s = perf_counter() - first.last_token_at
+                        if reguider is None or not watch:
+                            out = piece.text
+                        else:
+                            trigger = reguider.observe(answer + rnd.pending, piece.text, piece.logprobs or [])
+                            out = rnd.add(piece, trigger.drop_from if trigger else reguider.holding_from)
+                            if trigger is not None:
+                                halt.set()  # the student stops at its next token; its result still arrives
                     if out:
                         first_token()
                         parts.append(out)
-                        if prefetch is not None:
-                            prefetch.guidance(seam.kept)  # type: ignore[union-attr]
+                        answer += out
+                        yield Delta(out, "student")
+            if trigger is None or reguider is None:
+                continue
+            # Re-guidance: the teacher continues the answer as it stands (ending at a safe boundary).
+            t_stop = perf_counter()
+            used = len(self.student.tokenize(plan.student_prefix + answer, special=plan.special))
+            m = reguider.next_tokens(plan.max_tokens - (used - len(plan.student_tokens)))
+            if m <= 0:
+                reguider.stop()
+                continue
+            call = GuidanceCall(kind="reguide", reason=trigger.reason, offset=len(answer), max_tokens=m)
+            info.calls.append(call)
+            warm = None
+            if self.settings.fast_path:
+                warm = Prefetcher(self.student, plan.student_prefix, plan.special)
+                warm.start(self.student.tokenize(plan.student_prefix + answer, special=plan.special))
+            try:
+                async with aclosing(self._guide(plan, info, call, answer, warm, None)) as texts:
+                    async for out in texts:
+                        first_token()
+                        parts.append(out)
+                        answer += out
                         yield Delta(out, "teacher")
-            complete = done is not None and done.finish_reason == "stop"
-            if seam is not None:
-                if tail := seam.finish(complete):
-                    first_token()
-                    parts.append(tail)
-                    yield Delta(tail, "teacher")
-                info.guidance = seam.kept
-            else:
-                info.guidance = "".join(parts)
-            info.guidance_complete = complete
-            if complete or plan.mode == "teacher":
-                finish = "stop" if complete else "length"
+            finally:
+                if warm is not None:
+                    await warm.close()
+            reguider.guided(call.teacher_tokens, call.cloud_ttft_s, reguide=True)
+            if call.finish not in ("length", "stop"):
+                reguider.stop()  # the cloud failed this call: the student finishes alone
+            if call.finish == "stop":
+                finish = "stop"  # the teacher ended the answer itself
+            info.timings.reguide_s = (info.timings.reguide_s or 0.0) + perf_counter() - t_stop
 
-        completion_tokens = info.usage.teacher_tokens
-        if finish is None:
-            tokens = self.student.tokenize(plan.student_prefix + info.guidance, special=plan.special)
-            info.usage.guidance_student_tokens = max(0, len(tokens) - len(plan.student_tokens))
-            remaining = plan.max_tokens - info.usage.guidance_student_tokens
-            finish = "length"
-            if prefetch is not None:
-                await prefetch.close()  # the handoff: the student's own generation takes the context
-            if remaining > 0:
-                params = GenerationParams(max_tokens=remaining, temperature=plan.temperature, top_p=plan.top_p,
-                                          seed=plan.seed, stop=plan.stop)
-                async with aclosing(self.student.stream(tokens, params)) as gen:
-                    async for piece in gen:
-                        if isinstance(piece, Piece):
-                            if info.timings.handoff_gap_s is None and t_last_guidance is not None:
-                                info.timings.handoff_gap_s = perf_counter() - t_last_guidance
-                            first_token()
-                            parts.append(piece.text)
-                            yield Delta(piece.text, "student")
-                        else:
-                            self._student_done(piece, info)
-                            finish = "stop" if piece.finish_reason == "stop" else "length"
+        self._totals(plan, info, answer)
+        info.usage.student_tokens = kept
+        info.usage.student_discarded_tokens = generated - kept
+        if student_ran:
             completion_tokens = info.usage.guidance_student_tokens + info.usage.student_tokens
-
+        else:
+            completion_tokens = info.usage.teacher_tokens
         info.timings.total_s = perf_counter() - t0
-        info.cost = self._cost(info, teacher_cost, wrote_all=plan.mode == "teacher" or info.guidance_complete)
+        info.cost = self._cost(info, first, wrote_all=plan.mode == "teacher" or info.guidance_complete)
         if plan.task is not None:
             info.answer = plan.task.extract("".join(parts))
         prompt_tokens = info.usage.teacher_prompt_tokens if plan.mode == "teacher" else len(plan.student_tokens)
         yield Summary(finish, info, prompt_tokens, completion_tokens)
 
-    async def _guidance(self, plan: Plan, info: GKTInfo) -> AsyncIterator[str | DoneFrame]:
-        """Guidance text as it arrives, then the done frame; cloud trouble ends it early (gkt) or raises."""
-        assert plan.guidance is not None  # planned for every mode that asks the cloud
+    async def _guide(
+        self, plan: Plan, info: GKTInfo, call: GuidanceCall, answer: str, prefetch: Prefetcher | None,
+        stopper: FirstStop | None,
+    ) -> AsyncIterator[str]:
+        """One guidance call in gkt mode: the teacher continues ``answer`` (empty: starts it); yields the text
+        the seam releases. ``stopper`` (adaptive) may end the stream before its k tokens."""
         request = plan.guidance
+        assert request is not None  # planned for every mode that asks the cloud
+        if answer:
+            request = self._continuation(plan, request, answer, call.max_tokens)
+        seam = GuidanceSeam()
+        at_min: int | None = None
+        async with aclosing(self._guidance(plan, request, info, call)) as guidance:
+            async for item in guidance:
+                if not isinstance(item, str):
+                    continue
+                if out := seam.feed(item):
+                    if prefetch is not None:
+                        prefetch.guidance(answer + seam.kept)
+                    yield out
+                if stopper is not None:
+                    if at_min is None and call.teacher_tokens >= stopper.min_tokens:
+                        at_min = len(seam.received)
+                    if stopper.enough(seam.received, call.teacher_tokens, at_min):
+                        call.finish = "early"  # closing the stream cancels the teacher's work (C3)
+                        break
+        if tail := seam.finish(call.finish == "stop"):
+            yield tail
+        call.text = seam.kept
+
+    @staticmethod
+    def _continuation(plan: Plan, request: GuidanceRequest, answer: str, max_tokens: int) -> GuidanceRequest:
+        """The guidance request for the next tokens after ``answer``: the raw prompt with the answer appended,
+        or the chat with the answer as a final assistant message, which the cloud continues (``continues``)."""
+        if request.messages is not None:
+            messages = [*request.messages, ChatMessage(role="assistant", content=answer)]
+            return request.model_copy(update={"messages": messages, "max_tokens": max_tokens})
+        return request.model_copy(update={"prompt": (request.prompt or "") + answer, "max_tokens": max_tokens})
+
+    async def _guidance(
+        self, plan: Plan, request: GuidanceRequest, info: GKTInfo, call: GuidanceCall
+    ) -> AsyncIterator[str | DoneFrame]:
+        """Guidance text as it arrives, then the done frame; cloud trouble ends it early (gkt) or raises."""
         t0 = perf_counter()
+        is_first = call.kind == "first"
         got_text = False
         try:
             deadline = time.monotonic() + self.settings.guidance_timeout_s
             async with aclosing(self.cloud.guidance(request, deadline)) as frames:
                 async for frame in frames:
                     if isinstance(frame, TokenFrame):
-                        if info.timings.cloud_ttft_s is None:
-                            info.timings.cloud_ttft_s = perf_counter() - t0
-                        info.usage.teacher_tokens += frame.tokens
-                        info.timings.guidance_last_token_s = perf_counter() - t0
+                        if call.cloud_ttft_s is None:
+                            call.cloud_ttft_s = perf_counter() - t0
+                        call.teacher_tokens += frame.tokens
+                        call.last_token_at = perf_counter()
+                        if is_first:
+                            info.timings.guidance_last_token_s = call.last_token_at - t0
                         got_text = True
                         yield frame.text
                     elif isinstance(frame, DoneFrame):
                         info.teacher_model = frame.model
-                        info.usage.teacher_prompt_tokens = frame.usage.prompt_tokens
-                        info.usage.teacher_tokens = frame.usage.completion_tokens
-                        info.timings.teacher = frame.timings
-                        info.guidance_cached = frame.cached
+                        call.prompt_tokens = frame.usage.prompt_tokens
+                        call.teacher_tokens = frame.usage.completion_tokens
+                        call.finish = frame.finish_reason
+                        call.cost = frame.cost
+                        if is_first:
+                            info.timings.teacher = frame.timings
+                            info.guidance_cached = frame.cached
                         yield frame
         except GKTError as err:
             if plan.mode == "teacher":
                 raise
             # gkt mode never loses the answer: the student goes on from whatever guidance arrived.
             info.cloud_error = err.message
-            if got_text:
-                info.partial = True
-                info.partial_reason = err.code.name
-                log.warning("guidance broke off (%s): the student continues from the partial guidance",
-                            err.code.name)
+            call.finish = err.code.name
+            if is_first:
+                if got_text:
+                    info.partial = True
+                    info.partial_reason = err.code.name
+                    log.warning("guidance broke off (%s): the student continues from the partial guidance",
+                                err.code.name)
+                else:
+                    info.fallback = err.code.name
+                    log.warning("no guidance (%s): the student answers alone", err.code.name)
             else:
-                info.fallback = err.code.name
-                log.warning("no guidance (%s): the student answers alone", err.code.name)
+                log.warning("re-guidance failed (%s): the student finishes alone", err.code.name)
         finally:
-            info.timings.guidance_s = perf_counter() - t0
+            call.s = perf_counter() - t0
+            if is_first:
+                info.timings.cloud_ttft_s = call.cloud_ttft_s
+                info.timings.guidance_s = call.s
 
-    def _cost(self, info: GKTInfo, teacher: TeacherCost | None, *, wrote_all: bool) -> AnswerCost:
-        """This answer's cost on both sides and had the teacher written all of it (see shared/cost.py)."""
+    def _totals(self, plan: Plan, info: GKTInfo, answer: str) -> None:
+        """Usage summed over the guidance calls; each call's text counted in the student's tokens where it
+        sits in the answer."""
+        u = info.usage
+        info.guidance_calls = len(info.calls)
+        u.teacher_tokens = sum(c.teacher_tokens for c in info.calls)
+        u.teacher_prompt_tokens = 0
+        u.guidance_student_tokens = 0
+        for c in info.calls:
+            if c.prompt_tokens is not None:
+                u.teacher_prompt_tokens += c.prompt_tokens
+            elif c.finish == "early":
+                # Ended by the edge: no done frame. The same prompt, counted with the student's tokenizer.
+                u.teacher_prompt_tokens += len(self.student.tokenize(plan.student_prefix + answer[: c.offset],
+                                                                     special=plan.special))
+                u.teacher_prompt_tokens_estimated = True
+            if plan.mode == "gkt" and c.text:
+                before = plan.student_prefix + answer[: c.offset]
+                u.guidance_student_tokens += (
+                    len(self.student.tokenize(before + c.text, special=plan.special))
+                    - len(self.student.tokenize(before, special=plan.special)))
+
+    def _cost(self, info: GKTInfo, first: GuidanceCall | None, *, wrote_all: bool) -> AnswerCost:
+        """This answer's cost on both sides and had the teacher written all of it (see shared/cost.py).
+
+        The teacher's side is what the cloud stated for each call, summed; the counterfactual teacher reads
+        the prompt once (the first call's prompt tokens)."""
         u, t = info.usage, info.timings
         rates = StudentRates(per_mtok=self.settings.price_student_per_mtok,
                              cpu_per_hour=self.settings.price_cpu_per_hour)
         # Core-seconds: the student's engine time times the threads it computes with.
         cpu_s = ((t.student_prompt_s or 0.0) + (t.student_generation_s or 0.0)) * self.settings.n_threads
         ran = u.student_tokens > 0 or t.student_generation_s is not None
+        processed = u.student_prompt_tokens + u.guidance_student_tokens + u.student_tokens + u.student_discarded_tokens
+        prompt_tokens = first.prompt_tokens if first is not None and first.prompt_tokens is not None else \
+            u.teacher_prompt_tokens
         return answer_cost(
-            student=rates,
-            student_tokens=(u.student_prompt_tokens + u.guidance_student_tokens + u.student_tokens) if ran else 0,
-            student_cpu_s=cpu_s, teacher=teacher, teacher_prompt_tokens=u.teacher_prompt_tokens,
-            guidance_teacher_tokens=u.teacher_tokens, guidance_student_tokens=u.guidance_student_tokens,
+            student=rates, student_tokens=processed if ran else 0, student_cpu_s=cpu_s,
+            teacher=_sum_costs([c.cost for c in info.calls if c.cost is not None]),
+            teacher_prompt_tokens=prompt_tokens, guidance_teacher_tokens=u.teacher_tokens,
+            guidance_student_tokens=u.guidance_student_tokens,
             answer_student_tokens=u.guidance_student_tokens + u.student_tokens, teacher_wrote_all=wrote_all,
         )
 
     @staticmethod
     def _student_done(result: GenerationResult, info: GKTInfo) -> None:
-        info.usage.student_tokens = result.completion_tokens
-        info.usage.student_cached_tokens = result.cached_prompt_tokens
-        info.timings.student_queue_s = result.queue_s
-        info.timings.student_prompt_s = result.prompt_s
-        info.timings.student_generation_s = result.generation_s
+        """One student round ended: its timings add up (re-guidance makes several rounds per answer)."""
+        t = info.timings
+        if t.student_queue_s is None:
+            info.usage.student_cached_tokens = result.cached_prompt_tokens
+        t.student_queue_s = (t.student_queue_s or 0.0) + result.queue_s
+        t.student_prompt_s = (t.student_prompt_s or 0.0) + result.prompt_s
+        t.student_generation_s = (t.student_generation_s or 0.0) + result.generation_s
+
+
+def _sum_costs(costs: list[TeacherCost]) -> TeacherCost | None:
+    """The teacher's cost over several calls (the rates of the first: one cloud serves them all)."""
+    if not costs:
+        return None
+    return TeacherCost(
+        rates=costs[0].rates, input_tokens=sum(c.input_tokens for c in costs),
+        output_tokens=sum(c.output_tokens for c in costs), accelerator_s=sum(c.accelerator_s for c in costs),
+        amount=sum(c.amount for c in costs),
+    )

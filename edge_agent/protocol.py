@@ -6,7 +6,9 @@ Extension fields (top level of the request body; with the ``openai`` client pass
   (the student alone) or ``teacher`` (the teacher writes the whole answer);
 * ``guidance_tokens``: k, the number of teacher tokens in gkt mode;
 * ``task``: ``gsm8k`` or ``csqa``: the last user message (or the prompt) is a question, turned into the
-  task's few-shot prompt with its stop sequences; the answer is extracted into ``gkt.answer``.
+  task's few-shot prompt with its stop sequences; the answer is extracted into ``gkt.answer``;
+* ``guidance_policy``: how much of the teacher the answer gets in gkt mode: ``fixed`` (default: k tokens),
+  ``adaptive`` or ``reguide``, as a name or an object with the name and parameters (``edge_agent/policies.py``).
 
 Fields of the OpenAI API that gkt does not implement are ignored, except ``n`` > 1, which is refused.
 """
@@ -17,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edge_agent.policies import GuidancePolicy, policy_from
 from shared.protocol import ChatMessage, check_text, normalize_stop
 from shared.tasks import TASKS
 
@@ -43,6 +46,14 @@ class _Common(BaseModel):
     mode: Mode | None = Field(None, description="gkt (default), student or teacher.")
     guidance_tokens: int | None = Field(None, ge=1, le=8192, description="k: teacher tokens in gkt mode.")
     task: str | None = Field(None, description=f"Few-shot task: one of {sorted(TASKS)}.")
+    guidance_policy: GuidancePolicy | None = Field(
+        None, description="gkt mode: fixed (default), adaptive or reguide, by name or with parameters."
+    )
+
+    @field_validator("guidance_policy", mode="before")
+    @classmethod
+    def _policy(cls, v: Any) -> Any:
+        return policy_from(v)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -20,6 +20,9 @@ class GenerationParams:
     # Whole words (shared/words.py): after this many tokens, stop at the next word boundary; ``max_tokens``
     # stays the hard cap.
     word_end_after: int | None = None
+    # Report each sampled token's log-probability (one pass over the vocabulary per token; off by default,
+    # so the normal path does not pay for it).
+    logprobs: bool = False
 
 
 @dataclass
@@ -28,6 +31,9 @@ class Piece:
 
     text: str
     tokens: int = 1
+    # Natural-log probability of each of the ``tokens`` sampled tokens under the model (before temperature and
+    # top-p), when ``GenerationParams.logprobs`` asked for them.
+    logprobs: list[float] | None = None
 
 
 @dataclass

@@ -30,6 +30,8 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
+import numpy as np
+
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix, context_error
 
@@ -162,6 +164,7 @@ class LlamaEngine(LlamaText):
         self.last_progress = time.monotonic()
         self.consecutive_failures = 0
         self.max_failures = 3
+        self._n_vocab = self._llm.n_vocab()
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -185,9 +188,12 @@ class LlamaEngine(LlamaText):
         return None
 
     async def stream(
-        self, tokens: list[int], params: GenerationParams
+        self, tokens: list[int], params: GenerationParams, stop: threading.Event | None = None
     ) -> AsyncIterator[Piece | GenerationResult]:
-        """Yield pieces of text as they are decoded, then one ``GenerationResult``."""
+        """Yield pieces of text as they are decoded, then one ``GenerationResult``.
+
+        ``stop``: the caller's way to end the generation at the next token and still receive its result
+        (``finish_reason`` "cancelled", exact token counts and timings), e.g. to hand over to the teacher."""
         self.check_fits(len(tokens), params.max_tokens, "prompt")
         if self._lock.locked() and self._waiting >= self.max_waiting:
             raise GKTError(ErrorCode.overloaded, "the model is busy; try again shortly", retry_after=1.0)
@@ -202,7 +208,7 @@ class LlamaEngine(LlamaText):
             self._waiting -= 1
         queue_s = perf_counter() - t_enqueued
         queue: asyncio.Queue[Piece | GenerationResult | BaseException] = asyncio.Queue()
-        cancel = threading.Event()
+        cancel = stop if stop is not None else threading.Event()
 
         def emit(item: Piece | GenerationResult | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -376,6 +382,7 @@ class LlamaEngine(LlamaText):
         stops = StopMatcher(params.stop)
         finish: str = "length"
         n = pending = 0
+        logprobs: list[float] | None = [] if params.logprobs else None
         t_first: float | None = None
         # The prompt is fully evaluated with its last logits current, so ``generate`` samples at once.
         gen = llm.generate(
@@ -395,10 +402,13 @@ class LlamaEngine(LlamaText):
                     break
                 n += 1
                 pending += 1
+                if logprobs is not None:
+                    logprobs.append(self._logprob(tok))
                 text, hit = stops.feed(decoder.decode(llm.detokenize([tok])))
                 if text:
-                    emit(Piece(text, pending))
+                    emit(Piece(text, pending, logprobs))
                     pending = 0
+                    logprobs = [] if params.logprobs else None
                 if hit:
                     finish = "stop"
                     break
@@ -407,7 +417,7 @@ class LlamaEngine(LlamaText):
         finally:
             gen.close()
         if finish == "length" and (tail := stops.flush()):
-            emit(Piece(tail, pending))
+            emit(Piece(tail, pending, logprobs))
         # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
         t_end = perf_counter()
         t_first = t_first or t_end
@@ -419,6 +429,16 @@ class LlamaEngine(LlamaText):
             generation_s=t_end - t_first,
             cached_prompt_tokens=cached,
         )
+
+    def _logprob(self, token: int) -> float:
+        """log p(token) under the logits it was just sampled from (the last output row of the context).
+
+        Read before the token is decoded, so the row is still the one the sampler used; a log-softmax over
+        the vocabulary: 0.14 ms for Qwen's 152k entries measured here (a decode step of the 0.5B student
+        takes 20-37 ms)."""
+        row = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,))
+        top = float(row.max())
+        return float(row[token]) - top - float(np.log(np.exp(row - top).sum()))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

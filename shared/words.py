@@ -48,6 +48,19 @@ def boundary_between(before: str, after: str) -> bool:
     return after[0].isspace() or before[-1].isspace() or _ends_word(before[-1])
 
 
+def last_boundary(text: str, start: int = 0) -> int:
+    """The largest safe cut position in ``text`` at or after ``start`` (``start`` when there is none)."""
+    for i in range(len(text), start, -1):
+        prev = text[i - 1]
+        if prev.isspace():
+            continue
+        if i < len(text) and text[i].isspace():
+            return i
+        if _ends_word(prev):
+            return i
+    return start
+
+
 class WordEnd:
     """Stops a generation at the first word boundary after ``after`` tokens.
 

@@ -1,6 +1,7 @@
 """``gkt eval``: run a dataset through the live edge API and write tables and plots.
 
     gkt eval --task gsm8k --data path/to/train.jsonl -n 200 --k 10,20,40,80
+    gkt eval --task gsm8k --data path/to/train.jsonl -n 200 --k 20,40 --policies reguide,adaptive
 
 Without ``--edge-url`` it starts its own cloud and edge (split across two cores when it can). Results are
 appended per question to ``OUT/results.jsonl``; running the same command again continues where it stopped.
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gkt.eval import plots, report, stats
-from gkt.eval.records import ResultStore, configs, model_label, sample
+from gkt.eval.records import REGUIDE_K, ResultStore, configs, model_label, parse_policy, sample
 from gkt.eval.runner import EdgeClient, EvalError, run
 from gkt.eval.stack import TIMING_MODES, local_stack, split_possible
 from gkt.launcher import CLIENT_KEY_FILE, read_key
@@ -50,6 +51,13 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _policies(text: str) -> list[tuple[str, int | None]]:
+    try:
+        return [parse_policy(spec) for spec in text.split(",") if spec.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy, speed and cost of teacher, student and gkt on a dataset",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=_ints, default=[10, 20, 40, 80], help="guidance lengths (default 10,20,40,80)")
     p.add_argument("--modes", type=_modes, default=["teacher", "student", "gkt"],
                    help="comma-separated subset of teacher,student,gkt (default all)")
+    p.add_argument("--policies", type=_policies, default=[],
+                   help="guidance policies to run as extra gkt configs, comma-separated, each NAME[:PARAM=VALUE...], "
+                        f"e.g. reguide,adaptive or reguide:k=10:tokens=8,adaptive:min_tokens=24 (reguide's first "
+                        f"guidance k defaults to {REGUIDE_K}; parameters as in the edge's guidance_policy)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help=f"answer budget in tokens (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher: registry name or GGUF path")
@@ -100,12 +112,13 @@ def main(args: argparse.Namespace) -> int:
         return 2
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.task]
     teacher, student = model_label(args.teacher), model_label(args.student)
-    order = configs(args.task, args.modes, args.k, max_tokens, teacher, student)
+    order = configs(args.task, args.modes, args.k, max_tokens, teacher, student, args.policies)
     examples = sample(task, args.data, args.sample, args.seed)
     store = ResultStore(args.results or args.out / "results.jsonl")
     meta: dict[str, Any] = {
         "task": args.task, "data": str(args.data), "sample": len(examples), "seed": args.seed,
         "teacher": teacher, "student": student, "max_tokens": max_tokens, "k": args.k, "modes": args.modes,
+        "policies": [c.label for c in order if c.policy],
         "prices": prices.as_dict(), "command": shlex.join(["gkt", "eval", *sys.argv[2:]]) if sys.argv[1:2] == [
             "eval"] else None, "machine": _machine(), "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "load_before": os.getloadavg(), "note": args.note,
@@ -128,8 +141,10 @@ def main(args: argparse.Namespace) -> int:
     meta["timing_descriptions"] = {t: TIMING_MODES.get(t, t) for t in meta["timing_modes"]}
     js, md = report.write(args.out, args.task, table, meta)
     png = plots.plot(table, f"{args.task}: {teacher} teaches {student}", args.out / f"{args.task}.png")
+    front = plots.frontier(table, f"{args.task}: accuracy vs teacher share ({teacher} teaches {student})",
+                           args.out / f"{args.task}-frontier.png")
     print(md.read_text())
-    print(f"wrote {js}, {md}, {png}", file=sys.stderr)
+    print(f"wrote {js}, {md}, {png}, {front}", file=sys.stderr)
     return code
 
 

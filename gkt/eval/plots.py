@@ -1,4 +1,5 @@
-"""Accuracy, time and cost against k, with teacher-only and student-only as horizontal lines (PNG, Agg)."""
+"""Plots (PNG, Agg): accuracy, time and cost against k with teacher-only and student-only as horizontal lines;
+and the frontier: accuracy against the teacher's share of the answer tokens, for fixed k and each policy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ def plot(rows: list[Row], title: str, path: Path) -> Path:
     matplotlib.use("Agg")  # files only: no display on servers and in CI
     import matplotlib.pyplot as plt
 
-    gkt = sorted((r for r in rows if r.mode == "gkt"), key=lambda r: r.k or 0)
+    gkt = sorted((r for r in rows if r.mode == "gkt" and not r.policy), key=lambda r: r.k or 0)
     refs = [(r, colour) for r, colour in ((next((r for r in rows if r.mode == m), None), c)
                                           for m, c in (("teacher", "tab:red"), ("student", "tab:blue"))) if r]
     panels = [
@@ -47,6 +48,53 @@ def plot(rows: list[Row], title: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frontier(rows: list[Row], title: str, path: Path) -> Path:
+    """Accuracy (95 % CI) against the teacher's share of answer tokens: fixed k as a line, each policy as its
+    own point, teacher-only and student-only at the ends, and the issue's target region shaded (at least 90 %
+    of teacher-only accuracy with the teacher writing at most 50 % of the answer tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    teacher = next((r for r in rows if r.mode == "teacher"), None)
+    if teacher is not None:
+        ax.axhspan(90 * teacher.accuracy, 100, xmin=0, xmax=0.5, color="tab:green", alpha=0.08,
+                   label="target: >= 90% of teacher accuracy, teacher share <= 50%")
+
+    def point(r: Row, style: dict) -> None:
+        y = 100 * r.accuracy
+        err = [[max(0.0, y - 100 * r.ci_low)], [max(0.0, 100 * r.ci_high - y)]]
+        ax.errorbar([100 * r.teacher_token_share], [y], yerr=err, capsize=3, **style)
+        ax.annotate(f"{r.label} (n={r.n})", (100 * r.teacher_token_share, y), textcoords="offset points",
+                    xytext=(5, 4), fontsize=7)
+
+    fixed = sorted((r for r in rows if r.mode == "gkt" and not r.policy), key=lambda r: r.teacher_token_share)
+    if fixed:
+        ax.plot([100 * r.teacher_token_share for r in fixed], [100 * r.accuracy for r in fixed], color="tab:green",
+                alpha=0.5)
+    for r in fixed:
+        point(r, {"marker": "o", "color": "tab:green"})
+    markers = iter(["s", "D", "^", "v", "P", "X", "*"] * 4)
+    for r in rows:
+        if r.mode == "gkt" and r.policy:
+            point(r, {"marker": next(markers), "color": "tab:purple", "linestyle": "none"})
+        elif r.mode in ("teacher", "student"):
+            point(r, {"marker": "o", "color": "tab:red" if r.mode == "teacher" else "tab:blue"})
+    ax.set_xlim(-3, 103)
+    ax.set_xlabel("teacher share of answer tokens (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

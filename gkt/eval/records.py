@@ -24,9 +24,66 @@ def model_label(name_or_path: str) -> str:
     return Path(name_or_path).stem if name_or_path.endswith(".gguf") else name_or_path
 
 
+# The first guidance of a ``reguide`` config whose spec names no k (the edge API's own default is 40).
+REGUIDE_K = 20
+
+
+def parse_policy(spec: str) -> tuple[str, int | None]:
+    """``NAME[:PARAM=VALUE...]`` -> (canonical spec without k, k). ``k`` is the first guidance's length
+    (``guidance_tokens``); other parameters are the policy's own, checked against the edge's models.
+    ``reguide`` without k uses ``REGUIDE_K``; ``adaptive`` takes no k (it has ``min_tokens``/``max_tokens``);
+    ``fixed`` is what ``--k`` runs."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from edge_agent.policies import GuidancePolicy
+
+    name, *parts = spec.strip().split(":")
+    params: dict[str, int | float] = {}
+    k: int | None = None
+    for part in parts:
+        key, eq, raw = part.partition("=")
+        if not eq or not key:
+            raise ValueError(f"policy parameters are NAME=VALUE, got {part!r} in {spec!r}")
+        try:
+            value: int | float = int(raw)
+        except ValueError:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"policy parameter {key} must be a number, got {raw!r}") from None
+        if key == "k":
+            k = int(value)
+        else:
+            params[key] = value
+    if name == "fixed":
+        raise ValueError("the fixed policy is what --k runs")
+    try:
+        TypeAdapter(GuidancePolicy).validate_python({"name": name, **params})
+    except ValidationError as err:
+        raise ValueError(f"policy {spec!r}: {err.errors()[0]['msg']} ({err.errors()[0]['loc']})") from None
+    if name == "adaptive" and k is not None:
+        raise ValueError("adaptive takes no k: give min_tokens and max_tokens")
+    if name == "reguide" and k is None:
+        k = REGUIDE_K
+    if k is not None and k < 1:
+        raise ValueError("k must be at least 1")
+    return ":".join([name, *(f"{p}={v}" for p, v in sorted(params.items()))]), k
+
+
+def policy_body(spec: str) -> dict[str, Any]:
+    """The request's ``guidance_policy`` object for a canonical spec."""
+    name, *parts = spec.split(":")
+    body: dict[str, Any] = {"name": name}
+    for part in parts:
+        key, _, raw = part.partition("=")
+        body[key] = float(raw) if any(c in raw for c in ".eE") else int(raw)
+    return body
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """One row of the tables: a task, a mode (with k in gkt mode), an answer budget and a model pair."""
+    """One row of the tables: a task, a mode (with k in gkt mode), an answer budget and a model pair; in gkt
+    mode optionally a guidance policy (canonical spec, see ``parse_policy``)."""
 
     task: str
     mode: Mode
@@ -34,29 +91,37 @@ class RunConfig:
     max_tokens: int
     teacher: str
     student: str
+    policy: str | None = None
 
     @property
     def key(self) -> str:
         k = f"k={self.k}" if self.mode == "gkt" else self.mode
+        if self.policy:
+            k = f"policy={self.policy}|{k}"
         return f"{self.task}|{self.mode}|{k}|max={self.max_tokens}|{self.teacher}|{self.student}"
 
     @property
     def label(self) -> str:
+        if self.policy:
+            return f"gkt {self.policy}" + (f" k={self.k}" if self.k else "")
         return f"gkt k={self.k}" if self.mode == "gkt" else f"{self.mode} only"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def configs(task: str, modes: list[Mode], ks: list[int], max_tokens: int, teacher: str, student: str
-            ) -> list[RunConfig]:
-    """Teacher, student, then gkt for each k (ascending): the order of the tables."""
+def configs(task: str, modes: list[Mode], ks: list[int], max_tokens: int, teacher: str, student: str,
+            policies: list[tuple[str, int | None]] | None = None) -> list[RunConfig]:
+    """Teacher, student, gkt for each k (ascending), then each policy (gkt mode, whatever ``modes`` says):
+    the order of the tables."""
     out: list[RunConfig] = []
     for mode in ("teacher", "student"):
         if mode in modes:
             out.append(RunConfig(task, mode, None, max_tokens, teacher, student))
     if "gkt" in modes:
         out += [RunConfig(task, "gkt", k, max_tokens, teacher, student) for k in sorted(set(ks))]
+    for spec, k in policies or []:
+        out.append(RunConfig(task, "gkt", k, max_tokens, teacher, student, spec))
     return out
 
 

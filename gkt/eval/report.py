@@ -20,8 +20,8 @@ def _x(x: float | None) -> str:
 def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     head = ("| run | n | accuracy (95% CI) | guidance holds answer | wall mean / median s | speed-up | "
             "busy speed-up | teacher share of answer tokens | cost per 1k answers | cost vs teacher | "
-            "of teacher accuracy | gap recovered |")
-    lines = [head, "|" + "---|" * 12]
+            "of teacher accuracy | gap recovered | guidance calls per answer |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         held = "–" if r.guidance_has_answer is None else (
             f"{_pct(r.guidance_has_answer)} ({_pct(r.guidance_answer_correct)} right)")
@@ -30,7 +30,8 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
             f"{r.wall_mean_s:.2f} / {r.wall_median_s:.2f} | {_x(r.speedup_vs_teacher)} | "
             f"{_x(r.busy_speedup_vs_teacher)} | {_pct(r.teacher_token_share)} | "
             f"${1000 * r.cost_per_answer_usd:.4f} | {_x(r.cost_ratio_vs_teacher)} | "
-            f"{_pct(r.fraction_of_teacher_accuracy)} | {_pct(r.gap_recovered)} |")
+            f"{_pct(r.fraction_of_teacher_accuracy)} | {_pct(r.gap_recovered)} | "
+            f"{'–' if r.guidance_calls_mean is None else f'{r.guidance_calls_mean:.2f}'} |")
     notes = [
         "",
         f"Task `{meta['task']}`, teacher `{meta['teacher']}`, student `{meta['student']}`, "

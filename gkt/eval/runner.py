@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from gkt.eval.progress import Progress
-from gkt.eval.records import ResultStore, RunConfig, model_label
+from gkt.eval.records import ResultStore, RunConfig, model_label, policy_body
 from shared.tasks import TASKS, Example
 
 
@@ -41,8 +41,10 @@ class EdgeClient:
     def ask(self, question: str, config: RunConfig) -> tuple[dict[str, Any], float]:
         body: dict[str, Any] = {"prompt": question, "task": config.task, "mode": config.mode,
                                 "max_tokens": config.max_tokens, "temperature": 0.0, "seed": 0}
-        if config.mode == "gkt":
+        if config.mode == "gkt" and config.k is not None:
             body["guidance_tokens"] = config.k
+        if config.mode == "gkt" and config.policy:
+            body["guidance_policy"] = policy_body(config.policy)
         for attempt in range(self.retries + 1):
             t0 = time.perf_counter()
             resp = self.http.post(f"{self.base_url}/v1/completions", json=body)
@@ -85,13 +87,17 @@ def make_record(example: Example, config: RunConfig, resp: dict[str, Any], wall:
     text = resp["choices"][0]["text"]
     answer = task.extract(text)
     guidance = info.get("guidance") or ""
-    stated = task.stated_answer(guidance) if config.mode == "gkt" else None
+    # Everything the teacher wrote into the answer (re-guidance adds segments after the first guidance).
+    teacher_text = "".join(c.get("text", "") for c in info.get("calls") or []) or guidance
+    stated = task.stated_answer(teacher_text) if config.mode == "gkt" else None
     return {
         "key": config.key, "qid": example.id, "config": config.as_dict(), "timing": timing,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "gold": example.gold, "answer": answer, "correct": answer == example.gold,
         "edge_answer": info.get("answer"), "text": text, "finish_reason": resp["choices"][0]["finish_reason"],
         "guidance": guidance if config.mode == "gkt" else "",
+        "teacher_text": teacher_text if config.mode == "gkt" else "",
+        "guidance_calls": info.get("guidance_calls", 1 if config.mode != "student" else 0),
         "guidance_answer": stated, "guidance_answer_correct": stated is not None and stated == example.gold,
         "guidance_complete": info.get("guidance_complete", False), "fallback": info.get("fallback"),
         "partial": info.get("partial", False), "cloud_error": info.get("cloud_error"),

@@ -68,6 +68,7 @@ class Row:
     label: str
     mode: str
     k: int | None
+    policy: str | None
     n: int
     correct: int
     accuracy: float
@@ -91,6 +92,7 @@ class Row:
     timing: list[str]
     paired_n_teacher: int
     paired_n_student: int
+    guidance_calls_mean: float | None = None  # gkt rows: calls to the cloud per answer (re-guidance adds)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,8 +148,8 @@ def _row(key: str, config: dict[str, Any], recs: dict[str, dict], teacher: dict[
 
     answer_total = sum(answer_tokens(r) for r in values)
     return Row(
-        key=key, label=f"gkt k={config['k']}" if is_gkt else f"{config['mode']} only", mode=config["mode"],
-        k=config["k"], n=n, correct=correct, accuracy=correct / n, ci_low=lo, ci_high=hi,
+        key=key, label=RunConfig(**config).label, mode=config["mode"], k=config["k"], policy=config.get("policy"),
+        n=n, correct=correct, accuracy=correct / n, ci_low=lo, ci_high=hi,
         guidance_has_answer=sum(r["guidance_answer"] is not None for r in values) / n if is_gkt else None,
         guidance_answer_correct=sum(r["guidance_answer_correct"] for r in values) / n if is_gkt else None,
         wall_mean_s=statistics.fmean(walls), wall_median_s=statistics.median(walls),
@@ -158,4 +160,5 @@ def _row(key: str, config: dict[str, Any], recs: dict[str, dict], teacher: dict[
         cost_ratio_vs_teacher=cost_ratio, fraction_of_teacher_accuracy=frac, gap_recovered=gap,
         fallbacks=sum(r["fallback"] is not None for r in values), partials=sum(bool(r["partial"]) for r in values),
         timing=sorted({r["timing"] for r in values}), paired_n_teacher=len(with_t), paired_n_student=len(with_s),
+        guidance_calls_mean=statistics.fmean(r.get("guidance_calls", 1) for r in values) if is_gkt else None,
     )

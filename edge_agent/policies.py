@@ -1,0 +1,224 @@
+"""Guidance policies: how much of the teacher each answer gets, chosen per request.
+
+A policy is named in the request's ``guidance_policy`` field (a name, or an object with the name and
+parameters) and decides two things, from signals the edge sees anyway:
+
+* **when the first guidance ends** (``first_stop``): ``fixed`` takes exactly k teacher tokens (the paper's
+  scheme, and the default); ``adaptive`` asks for up to ``max_tokens`` and ends the stream at the first
+  step boundary (a line end, or a sentence end followed by more text) once ``min_tokens`` have arrived: the
+  teacher's plan is out, the student writes the rest of the step;
+* **whether to ask again** (``Reguider``): ``reguide`` watches the student's confidence (the log-probability
+  of each token it samples) and, when it stays low for ``span`` tokens, or drops at a decision point (a
+  number, an operator, the final answer line), stops the student, takes back what it wrote of the unsure
+  span, and asks the teacher for the next ``tokens`` tokens of the answer so far; then the student goes on.
+
+Everything here is pure (text and numbers in, decisions out), so the decisions are tested on scripted
+sequences (``tests/test_policies.py``); ``edge_agent/pipeline.py`` does the I/O.
+
+Defaults (documented in README.md):
+
+| policy | parameter | default | meaning |
+|---|---|---|---|
+| fixed | (k = `guidance_tokens`) | 40 | teacher tokens that start the answer |
+| adaptive | `min_tokens` | 16 | never stop the first guidance before this many teacher tokens |
+| adaptive | `max_tokens` | 80 | never take more than this many |
+| reguide | (k = `guidance_tokens`) | 40 | the first guidance, as in fixed |
+| reguide | `tokens` | 16 | *m*: teacher tokens per re-guidance |
+| reguide | `threshold` | -1.5 | a student token is unsure below this log-probability (p < 0.22) |
+| reguide | `span` | 2 | unsure tokens in a row that call the teacher |
+| reguide | `decision_threshold` | -0.5 | at a decision point one token below this (p < 0.61) calls the teacher |
+| reguide | `max_calls` | 4 | re-guidance calls per answer |
+| reguide | `max_teacher_tokens` | 160 | teacher tokens per answer, all calls together |
+| reguide | `min_gap` | 8 | student tokens after any guidance before the next call |
+| reguide | `max_wait_s` | 10 | no more calls once one took longer than this to its first token |
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PolicyName = Literal["fixed", "adaptive", "reguide"]
+
+
+class FixedPolicy(BaseModel):
+    """The teacher writes exactly k (``guidance_tokens``) tokens, then the student finishes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["fixed"] = "fixed"
+
+
+class AdaptivePolicy(BaseModel):
+    """The first guidance ends at the first step boundary after ``min_tokens`` (at most ``max_tokens``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adaptive"] = "adaptive"
+    min_tokens: int = Field(16, ge=1, le=8192, description="Teacher tokens before a boundary may end it.")
+    max_tokens: int = Field(80, ge=1, le=8192, description="Most teacher tokens the first guidance takes.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AdaptivePolicy:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+
+class ReguidePolicy(BaseModel):
+    """k teacher tokens first, then more teacher tokens wherever the student's confidence drops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["reguide"] = "reguide"
+    tokens: int = Field(16, ge=1, le=1024, description="m: teacher tokens per re-guidance.")
+    threshold: float = Field(-1.5, le=0.0, description="A student token below this log-probability is unsure.")
+    span: int = Field(2, ge=1, le=64, description="Unsure tokens in a row that call the teacher.")
+    decision_threshold: float = Field(
+        -0.5, le=0.0, description="At a decision point (number, operator, answer line) one token below this calls."
+    )
+    max_calls: int = Field(4, ge=0, le=64, description="Re-guidance calls per answer.")
+    max_teacher_tokens: int = Field(160, ge=1, le=8192, description="Teacher tokens per answer, all calls.")
+    min_gap: int = Field(8, ge=0, le=4096, description="Student tokens after any guidance before the next call.")
+    max_wait_s: float = Field(10.0, gt=0.0, le=3600.0,
+                              description="No more calls once a guidance call took longer to its first token.")
+
+
+GuidancePolicy = Annotated[FixedPolicy | AdaptivePolicy | ReguidePolicy, Field(discriminator="name")]
+
+
+def policy_from(value: Any) -> Any:
+    """A bare name stands for that policy with its defaults (``"reguide"`` == ``{"name": "reguide"}``)."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+# --- the first guidance ----------------------------------------------------------------------------------
+
+# A step ends at a line end, or at a sentence end (. ! ? :) that is followed by whitespace: "24 clips. So"
+# ends a step, "3.5" and "e.g." inside a sentence do not (the character after the stop is not whitespace,
+# or no whitespace has arrived yet).
+_STEP_END = re.compile(r"\n|[.!?:](?=\s)")
+
+
+@dataclass
+class FirstStop:
+    """Decides, token frame by token frame, whether the first guidance has said enough."""
+
+    min_tokens: int
+    max_tokens: int
+
+    def request_tokens(self) -> int:
+        return self.max_tokens
+
+    def enough(self, text: str, tokens: int, text_at_min: int | None) -> bool:
+        """``text``: the guidance received so far, ``tokens`` its teacher token count; ``text_at_min``: how
+        long ``text`` was when ``min_tokens`` were reached (None before). True: end the stream now."""
+        if text_at_min is None:
+            return False
+        # A boundary counts only if it lies after min_tokens' text (the plan must be out first).
+        return _STEP_END.search(text, max(0, text_at_min - 1)) is not None
+
+
+def first_stop(policy: FixedPolicy | AdaptivePolicy | ReguidePolicy) -> FirstStop | None:
+    """The early end of the first guidance, or None when it runs to its k."""
+    if isinstance(policy, AdaptivePolicy):
+        return FirstStop(policy.min_tokens, policy.max_tokens)
+    return None
+
+
+# --- re-guidance -----------------------------------------------------------------------------------------
+
+_OPERATORS = {"=", "+", "-", "*", "/", "×", "÷", "x"}
+_ANSWER_LINE = re.compile(r"answer is\s*$|answer:\s*$", re.IGNORECASE)
+
+
+def decision_point(answer: str, piece: str) -> bool:
+    """Is ``piece`` (what the student is about to write after ``answer``) a decision: a number, an operator,
+    or the first words of the final answer ("The answer is" ...)?"""
+    word = piece.strip()
+    if any(c.isdigit() for c in word) or word in _OPERATORS:
+        return True
+    return bool(word) and _ANSWER_LINE.search(answer.rstrip()) is not None
+
+
+@dataclass
+class Trigger:
+    """Why the teacher is called again, and from which token of the student's round its text is taken back."""
+
+    reason: Literal["low_confidence", "decision_point"]
+    drop_from: int  # index of the first piece (of this student round) to take back
+
+
+class Reguider:
+    """The re-guidance decisions of one answer: when to call the teacher and what the budget allows.
+
+    The pipeline reports every student piece (``observe``), every guidance call (``guided``) and asks for
+    the size of the next call (``next_tokens``); nothing here waits or talks to the network.
+    """
+
+    def __init__(self, policy: ReguidePolicy, first_tokens: int) -> None:
+        self.policy = policy
+        self.calls = 0  # re-guidance calls made
+        self.teacher_tokens = first_tokens  # all calls, the first guidance included
+        self.stopped = False
+        self._since_guidance = 0
+        self._run_start: int | None = None  # piece index where the current unsure run began
+        self._index = -1
+
+    def budget_left(self) -> bool:
+        p = self.policy
+        return not self.stopped and self.calls < p.max_calls and self.teacher_tokens < p.max_teacher_tokens
+
+    def next_tokens(self, room: int) -> int:
+        """Teacher tokens for the next call: m, within the teacher budget and the answer's ``room``."""
+        return max(0, min(self.policy.tokens, self.policy.max_teacher_tokens - self.teacher_tokens, room))
+
+    def stop(self) -> None:
+        """No more re-guidance for this answer (the cloud failed, or no room is left)."""
+        self.stopped = True
+
+    def new_round(self) -> None:
+        """The student starts (again) after guidance: piece indices restart at 0, the unsure run is cleared."""
+        self._index = -1
+        self._run_start = None
+
+    def guided(self, teacher_tokens: int, first_token_s: float | None, *, reguide: bool) -> None:
+        """A guidance call ended: count it; a slow round trip ends re-guidance for this answer."""
+        if reguide:
+            self.calls += 1
+            self.teacher_tokens += teacher_tokens
+        self._since_guidance = 0
+        if first_token_s is not None and first_token_s > self.policy.max_wait_s:
+            self.stopped = True
+
+    def observe(self, answer: str, piece: str, logprobs: list[float]) -> Trigger | None:
+        """The student sampled ``piece`` (its tokens' log-probabilities) after ``answer``: call the teacher?
+
+        Returns a trigger, or None to let the student go on. The piece itself is not yet part of the answer.
+        """
+        self._index += 1
+        lp = min(logprobs) if logprobs else 0.0
+        self._since_guidance += max(1, len(logprobs))
+        if not self.budget_left() or self._since_guidance <= self.policy.min_gap:
+            # The student's own tokens right after guidance stand whatever their confidence: an unsure run
+            # starts only after the gap, so a call never takes back what the gap let the student write.
+            self._run_start = None
+            return None
+        if lp < self.policy.threshold:
+            if self._run_start is None:
+                self._run_start = self._index
+        else:
+            self._run_start = None
+        if self._run_start is not None and self._index - self._run_start + 1 >= self.policy.span:
+            return Trigger("low_confidence", self._run_start)
+        if lp < self.policy.decision_threshold and decision_point(answer, piece):
+            return Trigger("decision_point", self._index)
+        return None
+
+    @property
+    def holding_from(self) -> int | None:
+        """The first piece of the current unsure run (text from there may still be taken back)."""
+        return self._run_start

@@ -1,0 +1,178 @@
+"""Guidance policies decide on scripted signals: teacher text for the first guidance, the student's token
+log-probabilities for re-guidance, and the student's text taken back at a safe boundary (pure, no models)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from edge_agent.policies import (
+    AdaptivePolicy,
+    FixedPolicy,
+    ReguidePolicy,
+    Reguider,
+    decision_point,
+    first_stop,
+)
+from edge_agent.protocol import CompletionRequest
+from edge_agent.rollback import StudentRound, cut_before
+from shared.generation import Piece
+
+SURE, UNSURE = -0.05, -3.0
+
+
+def drive(reguider: Reguider, pieces: list[tuple[str, float]]) -> list[tuple[int, str]]:
+    """Feed pieces as the pipeline does; return (piece index, reason) of every trigger (a round per trigger)."""
+    out, answer = [], ""
+    reguider.new_round()
+    i = 0
+    for text, lp in pieces:
+        trig = reguider.observe(answer, text, [lp])
+        answer += text
+        if trig is not None:
+            out.append((i, trig.reason, trig.drop_from))
+            reguider.guided(4, 0.1, reguide=True)
+            reguider.new_round()
+            i = 0
+            continue
+        i += 1
+    return out
+
+
+# --- request field ---------------------------------------------------------------------------------------
+
+
+def test_policy_field_takes_a_name_or_an_object_with_documented_defaults() -> None:
+    assert CompletionRequest(prompt="x").guidance_policy is None
+    assert isinstance(CompletionRequest(prompt="x", guidance_policy="fixed").guidance_policy, FixedPolicy)
+    p = CompletionRequest(prompt="x", guidance_policy="reguide").guidance_policy
+    assert p == ReguidePolicy() and (p.tokens, p.span, p.max_calls, p.max_teacher_tokens) == (16, 2, 4, 160)
+    a = CompletionRequest(prompt="x", guidance_policy={"name": "adaptive", "min_tokens": 8}).guidance_policy
+    assert isinstance(a, AdaptivePolicy) and (a.min_tokens, a.max_tokens) == (8, 80)
+
+
+@pytest.mark.parametrize("bad", ["bogus", {"name": "reguide", "tokens": 0}, {"name": "reguide", "threshold": 1},
+                                 {"name": "adaptive", "min_tokens": 50, "max_tokens": 10},
+                                 {"name": "fixed", "k": 3}])
+def test_policy_field_rejects_unknown_names_parameters_and_ranges_V5(bad: object) -> None:
+    with pytest.raises(ValidationError):
+        CompletionRequest(prompt="x", guidance_policy=bad)
+
+
+# --- adaptive first guidance -----------------------------------------------------------------------------
+
+
+def test_fixed_and_reguide_take_their_k_adaptive_asks_for_its_maximum() -> None:
+    assert first_stop(FixedPolicy()) is None and first_stop(ReguidePolicy()) is None
+    stop = first_stop(AdaptivePolicy(min_tokens=5, max_tokens=30))
+    assert stop is not None and stop.request_tokens() == 30
+
+
+def test_adaptive_stops_at_the_first_step_boundary_after_min_tokens() -> None:
+    stop = first_stop(AdaptivePolicy(min_tokens=4, max_tokens=80))
+    assert stop is not None
+    frames = [" She", " sold", " 48", ".", " In", " May", " she", " sold", " 48", " /", " 2", " =", " 24", ".",
+              " So"]
+    text, at_min, ended = "", None, None
+    for n, piece in enumerate(frames, 1):
+        text += piece
+        if at_min is None and n >= 4:
+            at_min = len(text)
+        if stop.enough(text, n, at_min):
+            ended = n
+            break
+    # " She sold 48." reached min_tokens (4) exactly at its full stop: the next token's space confirms the
+    # boundary, so the plan "She sold 48." is out and the stream ends there.
+    assert ended == 5
+    # Before min_tokens no boundary counts; a decimal point is not a step end.
+    assert not stop.enough(" It is 3.5 kg", 6, None)
+    assert not stop.enough(" It costs 3.5", 6, len(" It"))
+    assert stop.enough(" Total:\n", 3, len(" Total"))
+
+
+# --- re-guidance decisions -------------------------------------------------------------------------------
+
+
+def test_decision_points_are_numbers_operators_and_the_answer_line() -> None:
+    assert decision_point("So she sold", " 48")
+    assert decision_point("48", " =") and decision_point("48 ", "*")
+    assert decision_point("So the answer is", " (")
+    assert not decision_point("So she", " sold")
+    assert not decision_point("", " ")
+
+
+def test_a_span_of_unsure_tokens_calls_the_teacher_and_takes_back_the_whole_span() -> None:
+    r = Reguider(ReguidePolicy(span=3, min_gap=0, decision_threshold=-5.0), first_tokens=10)
+    script = [(" a", SURE), (" b", UNSURE), (" c", UNSURE), (" d", SURE),  # a run of 2 < span: nothing
+              (" e", UNSURE), (" f", UNSURE), (" g", UNSURE)]  # 3 in a row: call, taking back from " e"
+    assert drive(r, script) == [(6, "low_confidence", 4)]
+    assert r.calls == 1 and r.teacher_tokens == 14
+
+
+def test_one_unsure_token_at_a_decision_point_calls_the_teacher_elsewhere_it_does_not() -> None:
+    r = Reguider(ReguidePolicy(span=3, min_gap=0, decision_threshold=-0.5), first_tokens=0)
+    script = [(" She", -0.9), (" sold", SURE), (" 4", -0.9)]
+    assert drive(r, script) == [(2, "decision_point", 2)]
+
+
+def test_min_gap_lets_the_student_write_after_any_guidance_before_the_next_call() -> None:
+    r = Reguider(ReguidePolicy(span=1, min_gap=3), first_tokens=0)
+    triggers = drive(r, [(" a", UNSURE)] * 8)
+    # After the first guidance (and after each re-guidance) the first 3 tokens never call and are never
+    # taken back: the unsure run starts after the gap.
+    assert triggers == [(3, "low_confidence", 3), (3, "low_confidence", 3)]
+
+
+def test_budget_bounds_calls_and_teacher_tokens() -> None:
+    r = Reguider(ReguidePolicy(span=1, min_gap=0, max_calls=2), first_tokens=0)
+    assert len(drive(r, [(" a", UNSURE)] * 10)) == 2 and not r.budget_left()
+    r = Reguider(ReguidePolicy(span=1, min_gap=0, tokens=16, max_teacher_tokens=40), first_tokens=30)
+    assert r.next_tokens(room=100) == 10  # what the teacher budget leaves
+    assert r.next_tokens(room=3) == 3  # what the answer's max_tokens leaves
+    r.guided(10, 0.1, reguide=True)
+    assert not r.budget_left() and drive(r, [(" a", UNSURE)] * 5) == []
+
+
+def test_a_slow_round_trip_ends_reguidance_N1() -> None:
+    r = Reguider(ReguidePolicy(span=1, min_gap=0, max_wait_s=2.0), first_tokens=0)
+    r.guided(0, 2.5, reguide=False)  # the first guidance took 2.5 s to its first token
+    assert not r.budget_left() and drive(r, [(" a", UNSURE)] * 5) == []
+
+
+def test_a_confident_student_is_never_interrupted() -> None:
+    r = Reguider(ReguidePolicy(min_gap=0), first_tokens=40)
+    assert drive(r, [(" 4", SURE), ("8", SURE), (" =", -0.3), (" The", -1.0), (" answer", SURE)]) == []
+
+
+# --- taking back at a safe boundary ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,limit,cut", [
+    ("so 48 / 2 = 2", 13, 11),  # take back " 2" (part of a number): the cut is before its space
+    ("so 48 / 2 =", 11, 9),  # the limit is the end of the text: "=" may still grow, keep it back
+    ("so 48 / 2 = 24", 11, 11),  # whitespace follows the limit: a boundary exactly there
+    ("so 48", 5, 2),
+    ("48", 1, 0),  # no boundary after the start: nothing is released
+])
+def test_cut_before_finds_the_last_safe_boundary(text: str, limit: int, cut: int) -> None:
+    assert cut_before(text, limit, 0) == cut
+
+
+def test_student_text_is_released_at_boundaries_held_while_unsure_and_dropped_on_handover() -> None:
+    rnd = StudentRound()
+    assert rnd.add(Piece(" So", 1), None) == ""  # a word may still grow
+    assert rnd.add(Piece(" she", 1), None) == " So"
+    assert rnd.add(Piece(" sold", 1), None) == " she"
+    assert rnd.add(Piece(" 4", 1), 3) == " sold"  # unsure from piece 3 on: held back
+    assert rnd.add(Piece("8", 1), 3) == ""
+    # Hand over before piece 3: " sold" is already out, " 48" is taken back.
+    assert rnd.add(Piece(" *", 1), 3) == ""
+    assert rnd.text[: rnd.released] == " So she sold" and rnd.pending == " 48 *"
+    assert rnd.kept_tokens == 3
+
+
+def test_a_round_the_student_ends_itself_releases_everything() -> None:
+    rnd = StudentRound()
+    assert rnd.add(Piece(" The", 1), None) == ""
+    assert rnd.add(Piece(" answer", 1), 1) == " The"  # unsure from piece 1 on
+    assert rnd.finish() == " answer" and rnd.kept_tokens == 2
