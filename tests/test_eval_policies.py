@@ -15,6 +15,7 @@ from gkt.eval.stats import rows
 from gkt.launcher import Service
 from shared.cost import PriceTable
 from shared.tasks import GSM8K
+from tests.conftest import CLIENT_KEY
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,7 +75,8 @@ def test_cli_runs_policies_through_the_live_edge(edge_smol: Service, tmp_path: P
     out = tmp_path / "out"
     spec = "reguide:k=6:tokens=6:threshold=0:span=1:min_gap=4:max_calls=1"
     argv = ["eval", "--task", "gsm8k", "--data", str(DATA / "gsm8k" / "train.jsonl"), "-n", "2", "--modes", "gkt",
-            "--k", "6", "--policies", spec, "--max-tokens", "60", "--edge-url", edge_smol.url, "--out", str(out),
+            "--k", "6", "--policies", spec, "--max-tokens", "60", "--edge-url", edge_smol.url, "--api-key", CLIENT_KEY,
+            "--out", str(out),
             "--student", "smollm2-135m-instruct"]
     with pytest.raises(SystemExit) as done:
         cli.main(argv)

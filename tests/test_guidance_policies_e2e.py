@@ -16,7 +16,7 @@ import httpx
 
 from gkt.launcher import Service
 from shared.protocol import ChatMessage
-from tests.conftest import AUTH
+from tests.conftest import AUTH, CLIENT_AUTH
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
 # Forced re-guidance: every student token counts as unsure (threshold 0), so after min_gap student tokens
@@ -41,7 +41,7 @@ def stream_answer(edge: Service, body: dict) -> tuple[list[tuple[str, str]], dic
     """(text, source) of every streamed delta, and the final gkt object."""
     deltas, summary = [], None
     with httpx.stream("POST", edge.url + "/v1/chat/completions", json={**body, "stream": True},
-                      timeout=TIMEOUT) as r:
+                      headers=CLIENT_AUTH, timeout=TIMEOUT) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -112,7 +112,7 @@ def test_reguidance_calls_the_teacher_again_with_continuous_text_at_every_seam(
 
 
 def test_the_default_policy_is_fixed_with_one_call(edge_smol: Service) -> None:
-    r = httpx.post(edge_smol.url + "/v1/chat/completions", timeout=TIMEOUT, json={
+    r = httpx.post(edge_smol.url + "/v1/chat/completions", headers=CLIENT_AUTH, timeout=TIMEOUT, json={
         "messages": COUNT, "max_tokens": 16, "guidance_tokens": 4})
     assert r.status_code == 200, r.text
     gkt = r.json()["gkt"]
@@ -122,7 +122,7 @@ def test_the_default_policy_is_fixed_with_one_call(edge_smol: Service) -> None:
 
 def test_adaptive_ends_the_first_guidance_at_a_step_boundary(edge_smol: Service, cloud: Service) -> None:
     before = cloud_usage(cloud)
-    r = httpx.post(edge_smol.url + "/v1/completions", timeout=TIMEOUT, json={
+    r = httpx.post(edge_smol.url + "/v1/completions", headers=CLIENT_AUTH, timeout=TIMEOUT, json={
         "prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                   "How many clips did Natalia sell altogether in April and May?",
         "task": "gsm8k", "max_tokens": 120,
