@@ -57,7 +57,9 @@ class Service:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None)
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> Service:
+    def wait_ready(self, timeout: float = 900.0) -> Service:
+        # Generous: on a shared machine a niced test process may get a few percent of a core while it loads
+        # its model; a process that exits is noticed at once anyway.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:

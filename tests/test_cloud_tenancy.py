@@ -91,7 +91,7 @@ def test_refuses_to_start_with_auth_on_and_no_keys() -> None:
 
 
 async def test_rate_limit_per_key(teacher: LlamaTeacher) -> None:
-    async with cloud(teacher, rate_limit_burst=2, rate_limit_per_min=1) as client:
+    async with cloud(teacher, rate_limit_burst=2, rate_limit_per_min=0.001) as client:
         await limited_per_key(client, "/v1/guidance", PROMPT, A, B, burst=2)
         # A batch costs one request per item.
         r = await client.post("/v1/guidance/batch", json={"requests": [PROMPT, PROMPT]}, headers=B)

@@ -111,7 +111,8 @@ async def test_s3_client_keys_stay_out_of_logs_bodies_repr_and_the_cloud(
 
 
 async def test_s5_edge_rate_limit_per_key(student: LlamaEngine) -> None:
-    async with edge(student, rate_limit_burst=2, rate_limit_per_min=1) as client:
+    # A refill slower than any machine runs the burst: the third request must find the bucket empty.
+    async with edge(student, rate_limit_burst=2, rate_limit_per_min=0.001) as client:
         await limited_per_key(client, "/v1/completions", ASK, A, B, burst=2)
         metrics = (await client.get("/metrics")).text
     assert 'gkt_edge_requests_total{mode="student",outcome="refused",route="completions"} 1.0' in metrics

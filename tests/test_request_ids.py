@@ -58,7 +58,7 @@ def test_o2_fallback_lines_carry_the_id_on_both_sides(pair: tuple[Service, Servi
     """The cloud refuses k above its limit (400); the edge falls back and says so in a log line of the request."""
     cloud, edge = pair
     rid = f"o2-{uuid.uuid4().hex}"
-    r = ask(edge, {"prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 4, "guidance_tokens": 20}, rid)
+    r = ask(edge, {"prompt": "Q: What is 2 + 3?\nA:", "max_tokens": 12, "guidance_tokens": 12}, rid)  # k > 8
     assert r.status_code == 200 and r.json()["gkt"]["fallback"] == "invalid_request"
     assert any("no guidance (invalid_request)" in m for m in with_id(edge, rid))
     assert any('"POST /v1/guidance HTTP/1.1" 400' in m for m in with_id(cloud, rid))
