@@ -35,7 +35,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Se
     cloud = cloud_service(free_port(), LOAD_ENV, log_path=logs / "cloud.log").start()
     edge = edge_service(free_port(), cloud.url, LOAD_ENV, log_path=logs / "edge.log").start()
     try:
-        yield cloud.wait_ready(), edge.wait_ready()
+        yield cloud.wait_ready(1800), edge.wait_ready(1800)
     finally:
         edge.stop()
         cloud.stop()

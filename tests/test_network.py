@@ -90,7 +90,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         for s in (cloud, edge, edge_px):
             s.start()
         for s in (cloud, edge, edge_px):
-            s.wait_ready()
+            s.wait_ready(1800)
         yield b
     finally:
         b.stop_proxy()
