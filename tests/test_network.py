@@ -101,6 +101,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         for s in (edge_px, edge, cloud):
             s.stop()
         net.down()
+        logs.mkdir(parents=True, exist_ok=True)  # concurrent pytest sessions may rotate the base temp dir away
         (logs / "network-timings.json").write_text(json.dumps(TIMINGS, indent=2))
         print(f"\nN1-N5 timings ({logs / 'network-timings.json'}):\n{json.dumps(TIMINGS, indent=2)}")
 
