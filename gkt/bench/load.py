@@ -215,16 +215,19 @@ async def soak(url: str, headers: dict[str, str], cycles: int, pids: dict[str, i
                     await r.aclose()
             phases[phase] += 1
 
-        await one(0)  # warm-up
+        warm = max(10, cycles // 5)
+        for i in range(warm):  # warm-up: the thread pools and the edge's connection pool reach their size
+            await one(i)
         baseline = {name: resources(pid) for name, pid in pids.items()}
         t0 = time.monotonic()
-        for i in range(1, cycles + 1):
+        for i in range(warm, warm + cycles):
             await one(i)
         took = time.monotonic() - t0
         r = await client.post(url + path, json={**body, "max_tokens": 4, "stream": False}, headers=headers,
                               timeout=120)
     settled = await settle(pids, baseline)
-    return {"cycles": cycles, "phases": dict(phases), "seconds": round(took, 2), "after_status": r.status_code,
+    return {"cycles": cycles, "warm_up_cycles": warm, "phases": dict(phases), "seconds": round(took, 2),
+            "after_status": r.status_code,
             "resources": {"baseline": baseline, "settled": settled}}
 
 
