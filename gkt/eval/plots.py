@@ -91,7 +91,7 @@ def frontier(rows: list[Row], title: str, path: Path) -> Path:
     ax.set_xlim(-3, 103)
     ax.set_xlabel("teacher share of answer tokens (%)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
