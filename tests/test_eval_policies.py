@@ -73,7 +73,7 @@ def test_policy_rows_report_share_accuracy_and_calls_and_plot_on_the_frontier(tm
 def test_cli_runs_policies_through_the_live_edge(edge_smol: Service, tmp_path: Path) -> None:
     """Two GSM8K questions with a forced re-guidance policy: the records carry every call, the table a row."""
     out = tmp_path / "out"
-    spec = "reguide:k=6:tokens=6:threshold=0:span=1:min_gap=4:max_calls=1"
+    spec = "reguide:k=6:tokens=6:threshold=0:span=1:min_gap=4:max_calls=1:max_wait_s=600"
     argv = ["eval", "--task", "gsm8k", "--data", str(DATA / "gsm8k" / "train.jsonl"), "-n", "2", "--modes", "gkt",
             "--k", "6", "--policies", spec, "--max-tokens", "60", "--edge-url", edge_smol.url, "--api-key", CLIENT_KEY,
             "--out", str(out),
@@ -90,6 +90,6 @@ def test_cli_runs_policies_through_the_live_edge(edge_smol: Service, tmp_path: P
         assert rec["guidance_answer"] == GSM8K.stated_answer(rec["teacher_text"])
     result = json.loads((out / "gsm8k.json").read_text())
     labels = [row["label"] for row in result["rows"]]
-    assert labels == ["gkt k=6", "gkt reguide:max_calls=1:min_gap=4:span=1:threshold=0:tokens=6 k=6"]
+    assert labels == ["gkt k=6", "gkt reguide:max_calls=1:max_wait_s=600:min_gap=4:span=1:threshold=0:tokens=6 k=6"]
     assert result["rows"][1]["guidance_calls_mean"] == 2.0
     assert (out / "gsm8k-frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,9 @@ from tests.conftest import AUTH, CLIENT_AUTH
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
 # Forced re-guidance: every student token counts as unsure (threshold 0), so after min_gap student tokens
 # the teacher is called again, twice (max_calls), m = 6 tokens each time.
-FORCED = {"name": "reguide", "threshold": 0.0, "span": 1, "min_gap": 4, "tokens": 6, "max_calls": 2}
+# max_wait_s: a slow (shared) machine must not end re-guidance by its round-trip rule.
+FORCED = {"name": "reguide", "threshold": 0.0, "span": 1, "min_gap": 4, "tokens": 6, "max_calls": 2,
+          "max_wait_s": 600.0}
 COUNT = [{"role": "user", "content": "List the numbers from 1 to 40, separated by commas."}]
 
 
