@@ -49,7 +49,8 @@ def main() -> int:
            "GKT_CLOUD_RATE_LIMIT_PER_MIN": "1000000", "GKT_CLOUD_RATE_LIMIT_BURST": "100000",
            "GKT_CLOUD_API_KEYS": key_entry("load", key),
            "GKT_EDGE_MODEL": args.model, "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "1024",
-           "GKT_EDGE_CLOUD_API_KEY": key, "GKT_EDGE_API_KEYS": key_entry("load", key)}
+           "GKT_EDGE_CLOUD_API_KEY": key, "GKT_EDGE_API_KEYS": key_entry("load", key),
+           "GKT_EDGE_RATE_LIMIT_PER_MIN": "1000000", "GKT_EDGE_RATE_LIMIT_BURST": "100000"}
     logs = Path(tempfile.mkdtemp(prefix="gkt-load-"))
     cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
     edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()

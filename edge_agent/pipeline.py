@@ -394,16 +394,23 @@ class Pipeline:
             async for item in guidance:
                 if not isinstance(item, str):
                     continue
+                early = False
+                if stopper is not None:
+                    # Decided before the text is shown: whole-word guidance releases each token at once, so
+                    # the text after a step end ("April. In") must not reach the seam.
+                    text = seam.received + item
+                    if at_min is None and call.teacher_tokens >= stopper.min_tokens:
+                        at_min = len(text)
+                    if (end := stopper.step_end(text, at_min)) is not None:
+                        item = item[: max(0, end - len(seam.received))]
+                        early = True
                 if out := seam.feed(item):
                     if prefetch is not None:
                         prefetch.guidance(answer + seam.kept)
                     yield out
-                if stopper is not None:
-                    if at_min is None and call.teacher_tokens >= stopper.min_tokens:
-                        at_min = len(seam.received)
-                    if stopper.enough(seam.received, call.teacher_tokens, at_min):
-                        call.finish = "early"  # closing the stream cancels the teacher's work (C3)
-                        break
+                if early:
+                    call.finish = "early"  # closing the stream cancels the teacher's work (C3)
+                    break
         if tail := seam.finish(call.finish == "stop"):
             yield tail
         call.text = seam.kept

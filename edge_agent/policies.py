@@ -116,10 +116,15 @@ class FirstStop:
     def enough(self, text: str, tokens: int, text_at_min: int | None) -> bool:
         """``text``: the guidance received so far, ``tokens`` its teacher token count; ``text_at_min``: how
         long ``text`` was when ``min_tokens`` were reached (None before). True: end the stream now."""
+        return self.step_end(text, text_at_min) is not None
+
+    def step_end(self, text: str, text_at_min: int | None) -> int | None:
+        """Where the first step end after ``min_tokens`` lies in ``text`` (the guidance ends there), or None.
+        A boundary counts only if it lies after min_tokens' text (the plan must be out first)."""
         if text_at_min is None:
-            return False
-        # A boundary counts only if it lies after min_tokens' text (the plan must be out first).
-        return _STEP_END.search(text, max(0, text_at_min - 1)) is not None
+            return None
+        found = _STEP_END.search(text, max(0, text_at_min - 1))
+        return None if found is None else found.end()
 
 
 def first_stop(policy: FixedPolicy | AdaptivePolicy | ReguidePolicy) -> FirstStop | None:

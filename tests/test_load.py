@@ -26,6 +26,8 @@ LOAD_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "
             "GKT_CLOUD_CACHE_MAX_ENTRIES": "0", "GKT_CLOUD_RATE_LIMIT_PER_MIN": "1000000",
             "GKT_CLOUD_RATE_LIMIT_BURST": "100000", **CLOUD_KEYS,
             "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "1024",
+            # The soak is about resources, not the client's rate limit (S5, tested in test_edge_auth.py).
+            "GKT_EDGE_RATE_LIMIT_PER_MIN": "1000000", "GKT_EDGE_RATE_LIMIT_BURST": "100000",
             **EDGE_AUTH, **EDGE_KEYS}
 
 

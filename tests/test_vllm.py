@@ -17,6 +17,7 @@ import pytest
 from gkt import vllm
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.protocol import SSEDecoder, parse_frame
+from shared.words import WORD_ALLOWANCE
 from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, ONE_THREAD, _run
 
 pytestmark = pytest.mark.vllm
@@ -112,6 +113,8 @@ def test_real_edge_is_guided_by_vllm(vllm_server: Service, edge_vllm: Service) -
     assert gkt["teacher_model"] == SERVED and gkt["fallback"] is None and not gkt["partial"]
     assert gkt["guidance"] and body["choices"][0]["message"]["content"].startswith(gkt["guidance"])
     ref = direct(vllm_server, "chat/completions", {
-        "messages": [{"role": "user", "content": "Why is the sky blue? Explain briefly."}], "max_tokens": 12})
-    assert ref["choices"][0]["message"]["content"].startswith(gkt["guidance"])  # the seam only cuts, never adds
+        "messages": [{"role": "user", "content": "Why is the sky blue? Explain briefly."}],
+        "max_tokens": 12 + WORD_ALLOWANCE + 1})
+    # The guidance is vLLM's own answer to the end of the word its 12th token is in: nothing added.
+    assert ref["choices"][0]["message"]["content"].startswith(gkt["guidance"])
     assert gkt["cost"]["teacher"] > 0 and gkt["cost"]["teacher_only"] is not None
