@@ -137,7 +137,9 @@ def first_stop(policy: FixedPolicy | AdaptivePolicy | ReguidePolicy) -> FirstSto
 # --- re-guidance -----------------------------------------------------------------------------------------
 
 _OPERATORS = {"=", "+", "-", "*", "/", "×", "÷", "x"}
-_ANSWER_LINE = re.compile(r"answer is\s*$|answer:\s*$", re.IGNORECASE)
+# The answer line up to its first character: "The answer is", "answer:", and the "(" of a choice letter
+# ("(C)") or the "$" of an amount, which the student writes as a token of its own before the decision itself.
+_ANSWER_LINE = re.compile(r"answer(?: is|:)\s*[($]?$", re.IGNORECASE)
 
 
 def decision_point(answer: str, piece: str) -> bool:

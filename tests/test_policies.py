@@ -97,6 +97,9 @@ def test_decision_points_are_numbers_operators_and_the_answer_line() -> None:
     assert decision_point("So she sold", " 48")
     assert decision_point("48", " =") and decision_point("48 ", "*")
     assert decision_point("So the answer is", " (")
+    assert decision_point("So the answer is (", "C")  # the choice letter itself (CommonsenseQA)
+    assert decision_point("The answer is $", "1") and decision_point("The Answer: (", "B")
+    assert not decision_point("So the answer is (C)", ".")
     assert not decision_point("So she", " sold")
     assert not decision_point("", " ")
 
