@@ -136,6 +136,13 @@ class TestNet:
         _run("ip", "-n", self.edge_ns, "link", "set", self.edge_if, "up")
         _run("ip", "-n", self.cloud_ns, "link", "set", self.cloud_if, "up")
 
+    def carries(self, port: int, timeout_s: float = 0.5) -> bool:
+        """Whether a TCP connection from the edge host to the cloud's ``port`` opens over the cloud link now.
+        A link set up again does not carry traffic at once: the kernel's link watch activates the device's
+        queue up to a second later, and ARP must resolve the peer again."""
+        code = f"import socket; socket.create_connection(({self.cloud_addr!r}, {port}), {timeout_s}).close()"
+        return _run("ip", "netns", "exec", self.edge_ns, sys.executable, "-c", code, check=False).returncode == 0
+
     def limit(self, rate: str, burst: str = "4kb", latency: str = "2s") -> None:
         """A ``tc tbf`` bandwidth limit on both directions of the cloud link."""
         for ns, dev in ((self.edge_ns, self.edge_if), (self.cloud_ns, self.cloud_if)):
