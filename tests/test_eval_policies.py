@@ -11,7 +11,7 @@ from gkt import cli
 from gkt.eval.plots import frontier
 from gkt.eval.records import REGUIDE_K, configs, parse_policy, policy_body
 from gkt.eval.report import markdown
-from gkt.eval.stats import rows
+from gkt.eval.stats import policy_comparisons, rows
 from gkt.launcher import Service
 from shared.cost import PriceTable
 from shared.tasks import GSM8K
@@ -67,6 +67,26 @@ def test_policy_rows_report_share_accuracy_and_calls_and_plot_on_the_frontier(tm
     assert f"| gkt reguide k={REGUIDE_K} | 4 | 75.0% (" in md and md.rstrip().count("| 1.75 |") == 1
     png = frontier(table, "test", tmp_path / "f.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_policies_are_compared_with_every_other_row_on_their_own_questions() -> None:
+    """A policy run on fewer questions than the fixed rows is compared on exactly its questions."""
+    t, g, r = configs("gsm8k", ["teacher", "gkt"], [20], 256, "T", "S", [parse_policy("reguide")])
+    recs = []
+    for i, q in enumerate("abcdef"):  # teacher and fixed k on six questions, the policy on the first two
+        recs += [_rec(t, q, i != 1, 100, 0, 1), _rec(g, q, i >= 2, 20, 80, 1)]
+    recs += [_rec(r, "a", True, 30, 70, 2), _rec(r, "b", True, 50, 50, 3)]
+    (c,) = policy_comparisons(recs, [t, g, r])
+    assert (c.label, c.n, c.accuracy, c.guidance_calls_mean) == (f"gkt reguide k={REGUIDE_K}", 2, 1.0, 2.5)
+    assert c.teacher_token_share == pytest.approx(0.4)
+    assert [(o.label, o.accuracy, o.teacher_token_share) for o in c.others] == [
+        ("teacher only", 0.5, 1.0), ("gkt k=20", 0.0, pytest.approx(0.2))]
+    assert c.fraction_of_teacher_accuracy == 2.0  # 100 % against the teacher's 50 % on these two
+    md = markdown(rows(recs, [t, g, r], PriceTable()), {
+        "task": "gsm8k", "teacher": "T", "student": "S", "max_tokens": 256, "timing_modes": ["split"],
+        "prices": PriceTable().as_dict()}, [c])
+    assert f"| gkt reguide k={REGUIDE_K} | 2 | 100.0% | 40.0% | 2.50 | 200.0% | teacher only 50.0% at 100.0%, " \
+           "gkt k=20 0.0% at 20.0% |" in md
 
 
 @pytest.mark.models

@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     table = stats.rows(records, order, prices)
     meta["timing_modes"] = sorted({t for r in table for t in r.timing})
     meta["timing_descriptions"] = {t: TIMING_MODES.get(t, t) for t in meta["timing_modes"]}
-    js, md = report.write(args.out, args.task, table, meta)
+    js, md = report.write(args.out, args.task, table, meta, stats.policy_comparisons(records, order))
     png = plots.plot(table, f"{args.task}: {teacher} teaches {student}", args.out / f"{args.task}.png")
     front = plots.frontier(table, f"{args.task}: accuracy vs teacher share ({teacher} teaches {student})",
                            args.out / f"{args.task}-frontier.png")

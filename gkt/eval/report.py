@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gkt.eval.stats import Row
+from gkt.eval.stats import PolicyComparison, Row
 
 
 def _pct(x: float | None) -> str:
@@ -17,7 +17,7 @@ def _x(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
-def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
+def markdown(rows: list[Row], meta: dict[str, Any], comparisons: list[PolicyComparison] | None = None) -> str:
     head = ("| run | n | accuracy (95% CI) | guidance holds answer | wall mean / median s | speed-up | "
             "busy speed-up | teacher share of answer tokens | cost per 1k answers | cost vs teacher | "
             "of teacher accuracy | gap recovered | guidance calls per answer |")
@@ -42,6 +42,15 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
         "Prices (USD per 1M tokens; per hour for accelerator and CPU): "
         + ", ".join(f"{k} {v:g}" for k, v in meta["prices"].items()) + ".",
     ]
+    if comparisons:
+        notes += ["", "Policies against the other rows on the same questions (accuracy at teacher share of "
+                  "answer tokens):", "",
+                  "| policy | n | accuracy | teacher share | guidance calls per answer | of teacher accuracy | "
+                  "the other rows on these questions |", "|" + "---|" * 7]
+        notes += [f"| {c.label} | {c.n} | {_pct(c.accuracy)} | {_pct(c.teacher_token_share)} | "
+                  f"{c.guidance_calls_mean:.2f} | {_pct(c.fraction_of_teacher_accuracy)} | "
+                  + ", ".join(f"{o.label} {_pct(o.accuracy)} at {_pct(o.teacher_token_share)}" for o in c.others)
+                  + " |" for c in comparisons]
     if meta.get("note"):
         notes.append(f"Note: {meta['note']}")
     if any(r.fallbacks or r.partials for r in rows):
@@ -50,9 +59,13 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def write(out_dir: Path, stem: str, rows: list[Row], meta: dict[str, Any]) -> tuple[Path, Path]:
+def write(out_dir: Path, stem: str, rows: list[Row], meta: dict[str, Any],
+          comparisons: list[PolicyComparison] | None = None) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    js.write_text(json.dumps({"meta": meta, "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
-    md.write_text(markdown(rows, meta))
+    body: dict[str, Any] = {"meta": meta, "rows": [r.as_dict() for r in rows]}
+    if comparisons:
+        body["policy_comparisons"] = [c.as_dict() for c in comparisons]
+    js.write_text(json.dumps(body, indent=2) + "\n")
+    md.write_text(markdown(rows, meta, comparisons))
     return js, md

@@ -162,3 +162,64 @@ def _row(key: str, config: dict[str, Any], recs: dict[str, dict], teacher: dict[
         timing=sorted({r["timing"] for r in values}), paired_n_teacher=len(with_t), paired_n_student=len(with_s),
         guidance_calls_mean=statistics.fmean(r.get("guidance_calls", 1) for r in values) if is_gkt else None,
     )
+
+
+@dataclass
+class PairedCell:
+    """One row's accuracy and teacher share on a given set of questions."""
+
+    label: str
+    accuracy: float
+    teacher_token_share: float
+
+
+@dataclass
+class PolicyComparison:
+    """A policy row against every other row on exactly the policy's questions (all paired)."""
+
+    label: str
+    n: int
+    accuracy: float
+    teacher_token_share: float
+    guidance_calls_mean: float
+    fraction_of_teacher_accuracy: float | None
+    others: list[PairedCell]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cell(label: str, recs: list[dict[str, Any]]) -> PairedCell:
+    answer_total = sum(answer_tokens(r) for r in recs)
+    return PairedCell(label, sum(r["correct"] for r in recs) / len(recs),
+                      _ratio(sum(teacher_tokens(r) for r in recs), answer_total) or 0.0)
+
+
+def policy_comparisons(records: list[dict[str, Any]], order: list[RunConfig]) -> list[PolicyComparison]:
+    """For each policy row: its accuracy and teacher share next to those of the teacher, the student and each
+    fixed k *on the same questions*, the comparison the frontier asks for (a policy run on fewer questions
+    than the fixed rows would otherwise be compared with another sample)."""
+    by_key: dict[str, dict[str, dict[str, Any]]] = {}
+    cfg: dict[str, dict[str, Any]] = {}
+    for r in records:
+        by_key.setdefault(r["key"], {})[r["qid"]] = r
+        cfg[r["key"]] = r["config"]
+    keys = [c.key for c in order if c.key in by_key] + sorted(k for k in by_key if k not in {c.key for c in order})
+    out = []
+    for key in keys:
+        if not cfg[key].get("policy"):
+            continue
+        qids = sorted(by_key[key])
+        mine = [by_key[key][q] for q in qids]
+        paired = [(k, _cell(RunConfig(**cfg[k]).label, [by_key[k][q] for q in qids])) for k in keys
+                  if not cfg[k].get("policy") and set(qids) <= set(by_key[k])]
+        others = [c for _, c in paired]
+        teacher = next((c for k, c in paired if cfg[k]["mode"] == "teacher"), None)
+        me = _cell(RunConfig(**cfg[key]).label, mine)
+        out.append(PolicyComparison(
+            label=me.label, n=len(qids), accuracy=me.accuracy, teacher_token_share=me.teacher_token_share,
+            guidance_calls_mean=statistics.fmean(r.get("guidance_calls", 1) for r in mine),
+            fraction_of_teacher_accuracy=_ratio(me.accuracy, teacher.accuracy) if teacher else None,
+            others=others))
+    return out
+
