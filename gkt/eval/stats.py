@@ -106,14 +106,21 @@ def _paired(a: dict[str, dict], b: dict[str, dict] | None) -> list[str]:
     return sorted(set(a) & set(b)) if b else []
 
 
-def rows(records: list[dict[str, Any]], order: list[RunConfig], prices: PriceTable) -> list[Row]:
-    """One row per config that has results, in ``order`` then any others found (sorted by key)."""
+def _grouped(records: list[dict[str, Any]], order: list[RunConfig]) -> tuple[
+        dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]], list[str]]:
+    """Records by config key and question id, each key's config, and the keys in ``order`` then the rest."""
     by_key: dict[str, dict[str, dict[str, Any]]] = {}
     cfg: dict[str, dict[str, Any]] = {}
     for r in records:
         by_key.setdefault(r["key"], {})[r["qid"]] = r
         cfg[r["key"]] = r["config"]
     keys = [c.key for c in order if c.key in by_key] + sorted(k for k in by_key if k not in {c.key for c in order})
+    return by_key, cfg, keys
+
+
+def rows(records: list[dict[str, Any]], order: list[RunConfig], prices: PriceTable) -> list[Row]:
+    """One row per config that has results, in ``order`` then any others found (sorted by key)."""
+    by_key, cfg, keys = _grouped(records, order)
     teacher = next((by_key[k] for k in keys if cfg[k]["mode"] == "teacher"), None)
     student = next((by_key[k] for k in keys if cfg[k]["mode"] == "student"), None)
     return [_row(k, cfg[k], by_key[k], teacher, student, prices) for k in keys]
@@ -199,12 +206,7 @@ def policy_comparisons(records: list[dict[str, Any]], order: list[RunConfig]) ->
     """For each policy row: its accuracy and teacher share next to those of the teacher, the student and each
     fixed k *on the same questions*, the comparison the frontier asks for (a policy run on fewer questions
     than the fixed rows would otherwise be compared with another sample)."""
-    by_key: dict[str, dict[str, dict[str, Any]]] = {}
-    cfg: dict[str, dict[str, Any]] = {}
-    for r in records:
-        by_key.setdefault(r["key"], {})[r["qid"]] = r
-        cfg[r["key"]] = r["config"]
-    keys = [c.key for c in order if c.key in by_key] + sorted(k for k in by_key if k not in {c.key for c in order})
+    by_key, cfg, keys = _grouped(records, order)
     out = []
     for key in keys:
         if not cfg[key].get("policy"):
