@@ -118,7 +118,10 @@ class Bench:
         t = str(cfg.threads)
         cenv = {"GKT_CLOUD_MODEL": cfg.teacher, "GKT_CLOUD_N_CTX": str(cfg.n_ctx), "GKT_CLOUD_N_THREADS": t,
                 "GKT_CLOUD_MAX_WAITING": "64", "GKT_CLOUD_LOG_LEVEL": "warning",
-                "GKT_CLOUD_AUTH": "false"}  # a private pair on loopback
+                "GKT_CLOUD_AUTH": "false",  # a private pair on loopback
+                # Every measurement here is of the teacher's work: a repeated prompt (the overhead rounds, the
+                # two edges of the handoff line) must not be answered from the guidance cache.
+                "GKT_CLOUD_CACHE_MAX_ENTRIES": "0"}
         self.cloud = self._pin(cloud_service(free_port(), cenv, log_path=logs / "cloud.log"), self.cloud_core)
         eenv = {"GKT_EDGE_MODEL": cfg.student, "GKT_EDGE_N_CTX": str(cfg.n_ctx), "GKT_EDGE_N_THREADS": t,
                 "GKT_EDGE_MAX_WAITING": "64", "GKT_EDGE_LOG_LEVEL": "warning",
@@ -247,7 +250,8 @@ class Bench:
         cfg = self.cfg
         url = (cfg.vllm_url or "").rstrip("/")
         env = {"GKT_CLOUD_BACKEND": "openai", "GKT_CLOUD_UPSTREAM_URL": url, "GKT_CLOUD_LOG_LEVEL": "warning",
-               "GKT_CLOUD_MAX_WAITING": "64", "GKT_CLOUD_AUTH": "false"}
+               "GKT_CLOUD_MAX_WAITING": "64", "GKT_CLOUD_AUTH": "false",
+               "GKT_CLOUD_CACHE_MAX_ENTRIES": "0"}
         if cfg.vllm_model:
             env["GKT_CLOUD_UPSTREAM_MODEL"] = cfg.vllm_model
         front = cloud_service(free_port(), env, log_path=cfg.log_dir / "cloud_vllm.log").start()
