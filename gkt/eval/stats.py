@@ -224,4 +224,3 @@ def policy_comparisons(records: list[dict[str, Any]], order: list[RunConfig]) ->
             fraction_of_teacher_accuracy=_ratio(me.accuracy, teacher.accuracy) if teacher else None,
             others=others))
     return out
-
