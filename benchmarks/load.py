@@ -59,11 +59,11 @@ def main() -> int:
         edge.wait_ready()
         target = Target(cloud.url, auth, max_tokens=args.max_tokens)
         results: dict = {"settings": vars(args) | {"out": str(args.out)}, "logs": str(logs)}
-        results["l1"] = asyncio.run(l1(target, {"cloud": cloud.proc.pid}, args.slots, args.capacity_s,
+        results["l1"] = asyncio.run(l1(target, {"cloud": cloud}, args.slots, args.capacity_s,
                                        args.load_s, args.factor))
         if args.cycles:
             results["soak"] = asyncio.run(soak(edge.url, auth, args.cycles,
-                                               {"cloud": cloud.proc.pid, "edge": edge.proc.pid},
+                                               {"cloud": cloud, "edge": edge},
                                                path="/v1/completions",
                                                body={"prompt": "Once upon a time", "max_tokens": 60,
                                                      "guidance_tokens": 40}))

@@ -17,6 +17,7 @@ from shared.auth import AuthMiddleware, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
+from shared.metrics import bind_loop
 
 
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
@@ -33,6 +34,7 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
             )
         service = app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
         metrics.bind_service(service)
+        bind_loop(metrics.loop_tasks, asyncio.get_running_loop())
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: getattr(teacher, "dead", None)))
         try:

@@ -20,6 +20,7 @@ from shared.metrics import (
     LATENCY_BUCKETS,
     OK,
     TOKENS_PER_SECOND_BUCKETS,
+    loop_tasks_gauge,
     outcome_of,
 )
 
@@ -33,6 +34,7 @@ class CloudMetrics:
         self.requests = Counter("gkt_cloud_requests_total", "Guidance requests by route and outcome.",
                                 ["route", "outcome"], registry=r)
         self.in_flight = Gauge("gkt_cloud_requests_in_flight", "Guidance generations under way.", registry=r)
+        self.loop_tasks = loop_tasks_gauge("cloud", r)
         self.queued = Gauge("gkt_cloud_requests_queued", "Guidance requests waiting for the teacher.", registry=r)
         self.ttft = Histogram("gkt_cloud_time_to_first_token_seconds",
                               "Request accepted to the first guidance token.", **lat)

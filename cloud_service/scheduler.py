@@ -33,6 +33,7 @@ from typing import Any
 
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
+from shared.logs import REQUEST_ID, request_context
 from shared.words import WordEnd
 
 log = logging.getLogger("gkt.scheduler")
@@ -74,6 +75,7 @@ class _Seq:
     on_result: OnResult | None
     cancel: threading.Event
     t_submit: float
+    request_id: str = "-"  # for the worker thread's log lines
     slot: int = -1
     n_past: int = 0  # tokens of this sequence already in its slot's KV cache
     next_token: int = -1  # sampled, fed at the next step
@@ -170,7 +172,7 @@ class BatchScheduler:
                     loop.call_soon_threadsafe(on_result, result)
 
         seq = _Seq(tokens=tokens, params=params, emit=emit, on_result=report, cancel=threading.Event(),
-                   t_submit=perf_counter())
+                   t_submit=perf_counter(), request_id=REQUEST_ID.get())
         with self._cv:
             if self._closed:
                 raise GKTError(ErrorCode.engine_error, "the teacher is shutting down")
@@ -215,7 +217,8 @@ class BatchScheduler:
                 try:
                     self._admit(seq)
                 except Exception as exc:  # the worker must survive anything one request brings
-                    log.exception("admitting a sequence failed")
+                    with request_context(seq.request_id):
+                        log.exception("admitting a sequence failed")
                     self._fail(seq, exc)
             for seq in [s for s in self._active if s.cancel.is_set()]:
                 self._finish(seq, "cancelled")
@@ -223,7 +226,8 @@ class BatchScheduler:
                 try:
                     self._step()
                 except Exception as exc:  # never lose a sequence silently: each one gets the error
-                    log.exception("batched decode failed")
+                    with request_context(",".join(s.request_id for s in self._active)):
+                        log.exception("batched decode failed")
                     for seq in list(self._active):
                         self._fail(seq, exc)
         with self._cv:

@@ -19,6 +19,7 @@ from shared.auth import AuthMiddleware, RateLimiter, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
+from shared.metrics import bind_loop
 from shared.llama import LlamaEngine
 from shared.models import resolve
 from shared.tls import client_context
@@ -55,6 +56,7 @@ def create_app(
         )
         client = http or cloud_http_client(settings)
         metrics.bind_queue(lambda: engine.waiting)
+        bind_loop(metrics.loop_tasks, asyncio.get_running_loop())
         cloud = CloudClient(
             client,
             policy=RetryPolicy(settings.cloud_retries + 1, settings.cloud_retry_base_s, settings.cloud_retry_cap_s),

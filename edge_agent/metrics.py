@@ -18,6 +18,7 @@ from shared.metrics import (
     OK,
     PARTIAL,
     TOKENS_PER_SECOND_BUCKETS,
+    loop_tasks_gauge,
     outcome_of,
 )
 
@@ -31,6 +32,7 @@ class EdgeMetrics:
         self.requests = Counter("gkt_edge_requests_total", "Answers by route, mode and outcome.",
                                 ["route", "mode", "outcome"], registry=r)
         self.in_flight = Gauge("gkt_edge_requests_in_flight", "Answers being produced.", registry=r)
+        self.loop_tasks = loop_tasks_gauge("edge", r)
         self.queued = Gauge("gkt_edge_requests_queued", "Answers waiting for the student's context.", registry=r)
         self.ttft = Histogram("gkt_edge_time_to_first_token_seconds",
                               "Request start to the first answer token (teacher or student).", ["mode"], **lat)

@@ -6,14 +6,28 @@ process. Buckets span GPU latencies (milliseconds) and CPU ones (tens of seconds
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from shared.errors import ErrorCode, GKTError
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+
+
+def loop_tasks_gauge(service: str, registry: CollectorRegistry) -> Gauge:
+    """Asyncio tasks alive in the service's event loop; ``bind_loop`` starts it counting (L1/L2: a leaked
+    task per request shows as growth here)."""
+    return Gauge(f"gkt_{service}_event_loop_tasks", "Asyncio tasks alive in the server's event loop.",
+                 registry=registry)
+
+
+def bind_loop(gauge: Gauge, loop: asyncio.AbstractEventLoop) -> None:
+    """Count ``loop``'s tasks at scrape time (the /metrics route runs on that loop)."""
+    gauge.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:

@@ -22,7 +22,9 @@ import pytest
 from cloud_service.engines.llama_cpp import LlamaTeacher
 from cloud_service.settings import CloudSettings
 from gkt.launcher import Service
-from shared.generation import Piece
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationParams, Piece
+from shared.logs import REQUEST_ID, RequestIdFilter
 from shared.protocol import GuidanceRequest, SSEDecoder, parse_frame
 from tests.conftest import AUTH
 
@@ -94,6 +96,33 @@ async def test_greedy_outputs_under_batching_equal_single_sequence(smol: LlamaTe
     assert together == alone and all(alone)
     assert after["max_batch"] == len(prompts)  # all eight shared steps
     assert after["sampling_steps"] - before["sampling_steps"] < after["sampled_tokens"] - before["sampled_tokens"]
+
+
+async def test_a_failed_step_fails_each_sequence_and_its_log_line_names_them(
+    smol: LlamaTeacher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decode step that raises (injected: llama.cpp does not fail on demand) ends every sequence in it with
+    an engine error, nobody waits forever, and the worker thread's log line carries their request ids (O2)."""
+    def boom() -> None:
+        raise RuntimeError("injected decode failure")
+
+    monkeypatch.setattr(smol.scheduler, "_step", boom)
+    caplog.handler.addFilter(RequestIdFilter())
+
+    async def one(request_id: str) -> GKTError:
+        REQUEST_ID.set(request_id)  # this task's own context, as the request middleware does
+        tokens = smol._llm.tokenize(b"Q: 1 + 1?\nA:", add_bos=True, special=False)
+        with pytest.raises(GKTError) as err:
+            async for _ in smol.scheduler.stream(tokens, GenerationParams(max_tokens=8, temperature=0)):
+                pass
+        return err.value
+
+    errors = await asyncio.wait_for(asyncio.gather(one("req-a"), one("req-b")), 60)
+    assert all(e.code is ErrorCode.engine_error for e in errors)
+    lines = [r for r in caplog.records if r.getMessage() == "batched decode failed"]
+    assert lines and all(r.exc_info for r in lines)
+    named = {i for r in lines for i in r.request_id.split(",")}  # type: ignore[attr-defined]
+    assert named == {"req-a", "req-b"}, [r.request_id for r in lines]  # type: ignore[attr-defined]
 
 
 async def test_disconnect_stops_its_sequence_without_disturbing_others(cloud: Service) -> None:

@@ -1,9 +1,9 @@
 """Load (L1) and connect/cancel soak (L2, C4) on real processes, short versions of benchmarks/load.py.
 
 Asserted here are the invariants that are not timings: every request ends answered or refused with
-``Retry-After`` (lost = 0), overload really was refused, and file descriptors and threads come back to their
-baseline. The figures (capacity, goodput ratio, latencies) are printed; ``benchmarks/load.py`` runs the
-full-length version and records them (docs/RELIABILITY.md).
+``Retry-After`` (lost = 0), overload really was refused, and file descriptors, threads and the servers'
+asyncio tasks come back to their baseline. The figures (capacity, goodput ratio, latencies) are printed;
+``benchmarks/load.py`` runs the full-length version and records them (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations
@@ -44,17 +44,19 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Se
 
 
 def flat(report: dict, name: str) -> None:
-    """fds back to baseline; threads within 2 of it. Worker pools (anyio's, the engine's) keep idle threads
-    until new work prunes them, so the high-water mark may move by one or two; a leak grows with the cycles."""
+    """fds and asyncio tasks back to baseline; threads within 2 of it. Worker pools (anyio's, the engine's)
+    keep idle threads until new work prunes them, so the high-water mark may move by one or two; a leak grows
+    with the cycles."""
     base, settled = report["resources"]["baseline"][name], report["resources"]["settled"][name]
     assert settled["fds"] <= base["fds"], (name, base, settled)
+    assert 0 < settled["tasks"] <= base["tasks"], (name, base, settled)
     assert settled["threads"] <= base["threads"] + 2, (name, base, settled)
 
 
 def test_l1_three_times_capacity_loses_nothing(pair: tuple[Service, Service]) -> None:
     """L1: capacity first (closed loop at the admission limit), then three times that rate, open loop."""
     cloud, _ = pair
-    report = asyncio.run(l1(Target(cloud.url, AUTH), {"cloud": cloud.proc.pid}, SLOTS,
+    report = asyncio.run(l1(Target(cloud.url, AUTH), {"cloud": cloud}, SLOTS,
                             capacity_s=8, load_s=15))
     print("\nL1 (short):", json.dumps(report, indent=1))
     cap, over = report["capacity"], report["overload"]
@@ -73,7 +75,7 @@ def test_c4_connect_cancel_soak_stays_flat(pair: tuple[Service, Service]) -> Non
     nothing is left in flight."""
     cloud, edge = pair
     body = {"prompt": "Once upon a time", "max_tokens": 60, "guidance_tokens": 40}
-    report = asyncio.run(soak(edge.url, CLIENT_AUTH, 150, {"cloud": cloud.proc.pid, "edge": edge.proc.pid},
+    report = asyncio.run(soak(edge.url, CLIENT_AUTH, 150, {"cloud": cloud, "edge": edge},
                               path="/v1/completions", body=body))
     print("\nC4 soak:", json.dumps(report, indent=1))
     assert report["after_status"] == 200

@@ -25,17 +25,25 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+if TYPE_CHECKING:
+    from gkt.launcher import Service
 
-def resources(pid: int) -> dict[str, int]:
-    """Open file descriptors, OS threads and resident memory (kB) of a process."""
+
+def resources(svc: Service) -> dict[str, int]:
+    """Open file descriptors, OS threads, resident memory (kB) and asyncio tasks (its /metrics) of a service."""
+    pid = svc.proc.pid  # type: ignore[union-attr]
     status = Path(f"/proc/{pid}/status").read_text()
+    scrape = httpx.get(svc.url + "/metrics", timeout=10, verify=svc.tls or True).text
+    tasks = re.search(r"^gkt_\w+_event_loop_tasks (\S+)$", scrape, re.M)
     return {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
             "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
-            "rss_kb": int(re.search(r"VmRSS:\s+(\d+)", status).group(1))}  # type: ignore[union-attr]
+            "rss_kb": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
+            # The scrape itself is one task; what is left besides it belongs to the server.
+            "tasks": int(float(tasks.group(1))) if tasks else -1}
 
 
 @dataclass
@@ -155,34 +163,37 @@ async def open_loop(target: Target, rate: float, seconds: float) -> dict[str, An
     return out
 
 
-async def settle(pids: dict[str, int], baseline: dict[str, dict[str, int]], seconds: float = 20.0) -> dict:
-    """Resources after the load, waiting up to ``seconds`` for idle threads and sockets to be reaped."""
+def snapshot(services: dict[str, Service]) -> dict[str, dict[str, int]]:
+    return {name: resources(svc) for name, svc in services.items()}
+
+
+async def settle(services: dict[str, Service], baseline: dict[str, dict[str, int]], seconds: float = 20.0) -> dict:
+    """Resources after the load, waiting up to ``seconds`` for idle threads, sockets and tasks to be reaped."""
     deadline = time.monotonic() + seconds
     while True:
-        now = {name: resources(pid) for name, pid in pids.items()}
-        flat = all(now[n]["fds"] <= baseline[n]["fds"] and now[n]["threads"] <= baseline[n]["threads"]
-                   for n in pids)
+        now = snapshot(services)
+        flat = all(now[n][k] <= baseline[n][k] for n in services for k in ("fds", "threads", "tasks"))
         if flat or time.monotonic() > deadline:
             return now
         await asyncio.sleep(0.5)
 
 
-async def l1(target: Target, pids: dict[str, int], slots: int, capacity_s: float, load_s: float,
+async def l1(target: Target, services: dict[str, Service], slots: int, capacity_s: float, load_s: float,
              factor: float = 3.0) -> dict[str, Any]:
     """L1: capacity (closed loop at ``slots``), then ``factor`` x capacity open loop; resources around both."""
     await closed_loop(target, slots, min(5.0, capacity_s))  # warm-up: threads, pools, KV caches exist
-    baseline = {name: resources(pid) for name, pid in pids.items()}
+    baseline = snapshot(services)
     capacity = await closed_loop(target, slots, capacity_s)
     cap_rps = capacity["answered_per_s"]
     overload = await open_loop(target, max(cap_rps * factor, 0.5), load_s)
-    after = {name: resources(pid) for name, pid in pids.items()}
-    settled = await settle(pids, baseline)
+    after = snapshot(services)
+    settled = await settle(services, baseline)
     return {"capacity": capacity, "overload": overload, "factor": factor,
             "goodput_ratio": round(overload["goodput_per_s"] / cap_rps, 3) if cap_rps else 0.0,
             "resources": {"baseline": baseline, "after_load": after, "settled": settled}}
 
 
-async def soak(url: str, headers: dict[str, str], cycles: int, pids: dict[str, int],
+async def soak(url: str, headers: dict[str, str], cycles: int, services: dict[str, Service],
                path: str = "/v1/guidance", body: dict | None = None) -> dict[str, Any]:
     """C4/L2: ``cycles`` streamed requests abandoned in turn before the headers, after the headers and after
     a few frames; returns counts and resources before and after (settled)."""
@@ -218,14 +229,14 @@ async def soak(url: str, headers: dict[str, str], cycles: int, pids: dict[str, i
         warm = max(10, cycles // 5)
         for i in range(warm):  # warm-up: the thread pools and the edge's connection pool reach their size
             await one(i)
-        baseline = {name: resources(pid) for name, pid in pids.items()}
+        baseline = snapshot(services)
         t0 = time.monotonic()
         for i in range(warm, warm + cycles):
             await one(i)
         took = time.monotonic() - t0
         r = await client.post(url + path, json={**body, "max_tokens": 4, "stream": False}, headers=headers,
                               timeout=120)
-    settled = await settle(pids, baseline)
+    settled = await settle(services, baseline)
     return {"cycles": cycles, "warm_up_cycles": warm, "phases": dict(phases), "seconds": round(took, 2),
             "after_status": r.status_code,
             "resources": {"baseline": baseline, "settled": settled}}
