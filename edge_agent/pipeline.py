@@ -405,9 +405,9 @@ class Pipeline:
                         item = item[: max(0, end - len(seam.received))]
                         early = True
                 if out := seam.feed(item):
+                    yield out  # first to the user; the prefetcher's tokenizing (ms) comes after
                     if prefetch is not None:
                         prefetch.guidance(answer + seam.kept)
-                    yield out
                 if early:
                     call.finish = "early"  # closing the stream cancels the teacher's work (C3)
                     break

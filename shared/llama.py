@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
+import os
 import random
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -50,6 +54,18 @@ CANON_MIN = 8
 HOT_PREFIX_MIN = 64
 _IDLE = object()  # owner of the idle-time re-warming prefill: lowest priority
 
+
+
+BACKGROUND_NICE = 10  # added to the process's niceness for background prefills (Linux: per thread)
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's CPU priority; best effort (other systems set it for the whole process or not
+    at all, so it is only done where a thread id names one thread)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE)
 
 class LlamaText:
     """The prompt side of a loaded model: chat template, tokenizer, token counts, context check.
@@ -152,6 +168,11 @@ class LlamaEngine(LlamaText):
         self._lock = asyncio.Lock()
         self._waiting = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.name}")
+        # Prefills (the fast path's speculative work, re-warming) run on their own thread at a lower CPU
+        # priority: on a one-core edge they would otherwise delay the event loop's wake-ups, i.e. the user's
+        # first token. The lock keeps them from ever overlapping a generation.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{self.name}-prefill",
+                                              initializer=_lower_priority)
         self._prefill_stop: threading.Event | None = None  # set while a prefill holds the lock
         self._warm_owner: object | None = None
         self._canon = 0  # leading cached positions computed in canonical chunks (the only ones reused)
@@ -214,7 +235,7 @@ class LlamaEngine(LlamaText):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
-            future = loop.run_in_executor(self._executor, self._run, tokens, params, cancel, emit)
+            future = loop.run_in_executor(self._executor, copy_context().run, self._run, tokens, params, cancel, emit)
         except BaseException:
             self._lock.release()
             raise
@@ -267,7 +288,7 @@ class LlamaEngine(LlamaText):
 
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._executor, self._prefill, tokens, stop)
+            future = loop.run_in_executor(self._background, copy_context().run, self._prefill, tokens, stop)
         except BaseException:
             done(None)
             raise
@@ -441,6 +462,7 @@ class LlamaEngine(LlamaText):
         return float(row[token]) - top - float(np.log(np.exp(row - top).sum()))
 
     def close(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._llm.close()
 

@@ -92,9 +92,11 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def fmt(value: float | int | str | None) -> str:
+def fmt(value: float | int | str | list | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):
+        return "[" + " ".join(fmt(v) for v in value) + "]"
     if isinstance(value, str):
         return value
     if isinstance(value, int):
