@@ -19,8 +19,8 @@ from shared.auth import AuthMiddleware, RateLimiter, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
-from shared.metrics import bind_loop
 from shared.llama import LlamaEngine
+from shared.metrics import bind_loop
 from shared.models import resolve
 from shared.tls import client_context
 
