@@ -83,7 +83,8 @@ def main() -> int:
               f"-> settled {r['resources']['settled'][name]}")
     if "soak" in results:
         s = results["soak"]
-        print(f"soak: {s['cycles']} cycles {s['phases']} in {s['seconds']}s, then status {s['after_status']}")
+        print(f"soak: {s['cycles']} cycles {s['phases']} in {s['seconds']}s, then status {s['after_status']}; "
+              f"RSS slope kB per 1000 cycles {s['rss_slope_kb_per_1000_cycles']}")
         for name, res in s["resources"]["baseline"].items():
             print(f"  {name}: baseline {res} -> settled {s['resources']['settled'][name]}")
     args.out.write_text(json.dumps(results, indent=1))

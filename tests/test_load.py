@@ -79,6 +79,7 @@ def test_c4_connect_cancel_soak_stays_flat(pair: tuple[Service, Service]) -> Non
                               path="/v1/completions", body=body))
     print("\nC4 soak:", json.dumps(report, indent=1))
     assert report["after_status"] == 200
+    assert report["phases"].pop("error_frames", 0) == 0  # L2: no error frame in the streams read
     assert sum(report["phases"].values()) == 150 + report["warm_up_cycles"]
     flat(report, "edge")
     flat(report, "cloud")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import statistics
 import time
@@ -37,13 +38,18 @@ def resources(svc: Service) -> dict[str, int]:
     """Open file descriptors, OS threads, resident memory (kB) and asyncio tasks (its /metrics) of a service."""
     pid = svc.proc.pid  # type: ignore[union-attr]
     status = Path(f"/proc/{pid}/status").read_text()
+    out = {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),  # before the scrape opens a connection
+           "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
+           "rss_kb": rss_kb(pid)}
     scrape = httpx.get(svc.url + "/metrics", timeout=10, verify=svc.tls or True).text
     tasks = re.search(r"^gkt_\w+_event_loop_tasks (\S+)$", scrape, re.M)
-    return {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
-            "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
-            "rss_kb": int(re.search(r"VmRSS:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
-            # The scrape itself is one task; what is left besides it belongs to the server.
-            "tasks": int(float(tasks.group(1))) if tasks else -1}
+    # Counted while serving the scrape, so the scrape's own task is in every count alike.
+    return out | {"tasks": int(float(tasks.group(1))) if tasks else -1}
+
+
+def rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
 
 
 @dataclass
@@ -220,6 +226,8 @@ async def soak(url: str, headers: dict[str, str], cycles: int, services: dict[st
                         n = 0
                         async for line in r.aiter_lines():
                             n += line.startswith("data: ")
+                            if line.startswith("data: {") and _is_error(json.loads(line[6:])):
+                                phases["error_frames"] += 1  # L2: none expected
                             if n >= 3:
                                 break
                 finally:
@@ -230,16 +238,35 @@ async def soak(url: str, headers: dict[str, str], cycles: int, services: dict[st
         for i in range(warm):  # warm-up: the thread pools and the edge's connection pool reach their size
             await one(i)
         baseline = snapshot(services)
+        samples: dict[str, list[tuple[int, int]]] = {name: [] for name in services}
+        every = max(1, cycles // 20)
         t0 = time.monotonic()
         for i in range(warm, warm + cycles):
             await one(i)
+            if (i - warm + 1) % every == 0:  # RSS along the way: a leak is a slope, not one difference
+                for name, svc in services.items():
+                    samples[name].append((i - warm + 1, rss_kb(svc.proc.pid)))  # type: ignore[union-attr]
         took = time.monotonic() - t0
         r = await client.post(url + path, json={**body, "max_tokens": 4, "stream": False}, headers=headers,
                               timeout=120)
     settled = await settle(services, baseline)
     return {"cycles": cycles, "warm_up_cycles": warm, "phases": dict(phases), "seconds": round(took, 2),
             "after_status": r.status_code,
-            "resources": {"baseline": baseline, "settled": settled}}
+            "resources": {"baseline": baseline, "settled": settled},
+            "rss_slope_kb_per_1000_cycles": {name: rss_slope(xs) for name, xs in samples.items()}}
+
+
+def _is_error(event: dict[str, Any]) -> bool:
+    """An error event: the cloud's error frame or the edge's OpenAI error object."""
+    return event.get("type") == "error" or "error" in event
+
+
+def rss_slope(samples: list[tuple[int, int]]) -> float | None:
+    """Least-squares slope of resident memory over cycles, in kB per 1,000 cycles (None: too few samples)."""
+    if len(samples) < 3:
+        return None
+    slope, _ = statistics.linear_regression([c for c, _ in samples], [kb for _, kb in samples])
+    return round(slope * 1000, 1)
 
 
 def as_dict(x: Any) -> Any:
