@@ -9,6 +9,9 @@ with the prompt already in the student's KV cache at the handoff and the handoff
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from edge_agent.fastpath import Prefetcher
 from gkt.launcher import Service, edge_service, free_port
 from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import (
+    BACKGROUND_NICE,
     HOT_PREFIX_MIN,
     PREFILL_CHUNK,
     LlamaEngine,
@@ -92,6 +96,23 @@ async def test_prefill_then_generate_matches_cold_generation(engine: LlamaEngine
     got, result = await generate(engine, tokens)
     assert got == want
     assert 0 < result.cached_prompt_tokens < len(tokens)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_prefills_run_below_generation_priority(engine: LlamaEngine) -> None:
+    """Speculative prefills yield the CPU to the event loop and generations: their thread runs at a higher
+    niceness than the generation thread (on a one-core edge, the user's first token waits on the loop)."""
+    tokens = engine.tokenize(few_shot("Ann reads 4 pages a day. How many pages in a week?"), special=False)
+    owner = object()
+    assert await engine.prefill(tokens[:-1], owner) is not None
+    engine.release_warm(owner)
+    await generate(engine, tokens)
+
+    def niceness(suffix: str) -> int:
+        t = next(t for t in threading.enumerate() if t.name.startswith(f"llama-{engine.name}{suffix}_"))
+        return os.getpriority(os.PRIO_PROCESS, t.native_id)
+
+    assert niceness("-prefill") == niceness("") + BACKGROUND_NICE or niceness("-prefill") == 19
 
 
 async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -> None:
