@@ -47,6 +47,8 @@ def test_cli_end_to_end_gsm8k(edge: Service, tmp_path: Path) -> None:
         else:
             assert 10 <= u["teacher_tokens"] <= 10 + WORD_ALLOWANCE + 1 and r["text"].startswith(r["guidance"])
             assert r["guidance_answer"] == GSM8K.stated_answer(r["guidance"])
+            assert [c["kind"] for c in r["calls"]] == ["first"] and r["calls"][0]["text"] == r["guidance"]
+            assert r["calls"][0]["teacher_tokens"] == u["teacher_tokens"] and r["calls"][0]["cost"]
 
     result = json.loads((out / "gsm8k.json").read_text())
     rows = {r["label"]: r for r in result["rows"]}

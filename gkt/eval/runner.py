@@ -98,6 +98,9 @@ def make_record(example: Example, config: RunConfig, resp: dict[str, Any], wall:
         "guidance": guidance if config.mode == "gkt" else "",
         "teacher_text": teacher_text if config.mode == "gkt" else "",
         "guidance_calls": info.get("guidance_calls", 1 if config.mode != "student" else 0),
+        # Each call to the cloud as the edge reported it (kind, reason, offset, tokens, finish, cost): where
+        # re-guidance fired and what each call cost, for analysing a policy after the run.
+        "calls": info.get("calls") or [],
         "guidance_answer": stated, "guidance_answer_correct": stated is not None and stated == example.gold,
         "guidance_complete": info.get("guidance_complete", False), "fallback": info.get("fallback"),
         "partial": info.get("partial", False), "cloud_error": info.get("cloud_error"),
