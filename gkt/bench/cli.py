@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -57,11 +58,15 @@ def run(args: argparse.Namespace) -> int:
           f"load average {load_before}; memory bandwidth {bandwidth:.1f} GB/s", flush=True)
     bench = Bench(cfg)
     t0 = time.perf_counter()
+    failed: str | None = None
     try:
         bench.start()
         print(f"services up: cloud {bench.cloud.url} (core {bench.cloud_core}), edge {bench.edge.url} and "
               f"edge without fast path {bench.edge_slow.url} (core {bench.edge_core})", flush=True)
         asyncio.run(bench.run())
+    except Exception as exc:  # keep what was measured before the failure, and say what failed
+        failed = f"{type(exc).__name__}: {exc}"
+        print(f"gkt bench stopped early: {failed}", file=sys.stderr, flush=True)
     finally:
         bench.stop()
     # What limits decoding: every token reads all the weights once, so tok/s x bytes <= bandwidth.
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"started": started, "seconds": round(time.perf_counter() - t0, 1), "machine": machine(),
             "load_average_before": load_before, "load_average_after": load_average(),
             "memory_bandwidth_gbs": bandwidth, "config": json.loads(json.dumps(asdict(cfg), default=str)),
-            "cores": {"cloud": bench.cloud_core, "edge": bench.edge_core}, "decode_limits": limits}
+            "cores": {"cloud": bench.cloud_core, "edge": bench.edge_core}, "decode_limits": limits,
+            "stopped_early": failed}
     write_json(args.out, meta, bench.lines)
     print()
     print(render(bench.lines))
@@ -86,4 +92,4 @@ def run(args: argparse.Namespace) -> int:
                   f"{lim['weight_traffic_gbs']:.1f} GB/s of {bandwidth:.1f} GB/s measured "
                   f"({lim['share_of_bandwidth']:.0%})")
     print(f"load average before {load_before}, after {meta['load_average_after']}; results in {args.out}")
-    return 0
+    return 1 if failed else 0
