@@ -40,7 +40,7 @@ def resources(svc: Service) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     out = {"fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),  # before the scrape opens a connection
            "threads": int(re.search(r"Threads:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
-           "rss_kb": rss_kb(pid)}
+           "rss_kb": _rss_kb(status)}
     scrape = httpx.get(svc.url + "/metrics", timeout=10, verify=svc.tls or True).text
     tasks = re.search(r"^gkt_\w+_event_loop_tasks (\S+)$", scrape, re.M)
     # Counted while serving the scrape, so the scrape's own task is in every count alike.
@@ -48,7 +48,10 @@ def resources(svc: Service) -> dict[str, int]:
 
 
 def rss_kb(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
+    return _rss_kb(Path(f"/proc/{pid}/status").read_text())
+
+
+def _rss_kb(status: str) -> int:
     return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
 
 

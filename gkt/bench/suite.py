@@ -335,7 +335,7 @@ class Bench:
     async def ttft(self) -> None:
         """Within one request: the user's first token (client-side) minus the cloud's own time to first token
         (its queue + prompt time from the done frame)."""
-        k = self.cfg.work_k
+        work_k = self.cfg.work_k
         vs_client, vs_engine = [], []
         parts: dict[str, list[float]] = {"client_to_edge_and_back_s": [], "edge_to_cloud_and_back_s": [],
                                          "edge_until_guidance_sent_and_seam_s": []}
@@ -343,13 +343,14 @@ class Bench:
             # The cloud's own TTFT: a client calling it directly with the request the edge would send. The
             # prompt is put in the teacher's cache first, so both requests find it there, and the order of
             # the pair alternates (the machine drifts).
-            direct_body = {"prompt": self.prompt(30 + i), "max_tokens": k, "temperature": 0,
+            direct_body = {"prompt": self.prompt(30 + i), "max_tokens": work_k, "temperature": 0,
                            "stop": list(GSM8K.stop), "whole_words": True}
             await cloud_guidance(self.http, self.cloud.url, {**direct_body, "max_tokens": 1})
+            edge_body = self.task_body(30 + i, guidance_tokens=work_k)
             pair: dict[str, Stream] = {}
             for who in (("cloud", "edge") if i % 2 == 0 else ("edge", "cloud")):
                 pair[who] = await (cloud_guidance(self.http, self.cloud.url, direct_body) if who == "cloud" else
-                                   edge_stream(self.http, self.edge.url, self.task_body(30 + i, guidance_tokens=k)))
+                                   edge_stream(self.http, self.edge.url, edge_body))
             s, t = pair["edge"], pair["edge"].final["timings"]
             engine_own = t["teacher"]["queue_s"] + t["teacher"]["prompt_s"]
             c = pair["cloud"].final["timings"]
