@@ -20,7 +20,7 @@ class TenantUsage:
     requests: int = 0  # guidance answers started on the engine or served from the cache
     cache_hits: int = 0
     cancelled: int = 0  # stopped early (client gone) or failed; charged for what was generated
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # drafts verified included (input the teacher read)
     completion_tokens: int = 0
     engine_s: float = 0.0
     cost: float = 0.0
@@ -38,7 +38,9 @@ class Ledger:
         self._tenants: dict[str, TenantUsage] = {}
 
     def price(self, result: GenerationResult) -> TeacherCost:
-        return teacher_cost(self.rates, result.prompt_tokens, result.completion_tokens, result.engine_s)
+        """A draft the teacher verified is input it read, priced with the prompt."""
+        read = result.prompt_tokens + result.draft_tokens
+        return teacher_cost(self.rates, read, result.completion_tokens, result.engine_s)
 
     def free(self) -> TeacherCost:
         """The cost of a cache hit."""
@@ -49,7 +51,7 @@ class Ledger:
         u = self._tenants.setdefault(tenant, TenantUsage())
         u.requests += 1
         u.cancelled += result.finish_reason == "cancelled"
-        u.prompt_tokens += result.prompt_tokens
+        u.prompt_tokens += result.prompt_tokens + result.draft_tokens
         u.completion_tokens += result.completion_tokens
         u.engine_s += result.engine_s
         u.cost += cost.amount

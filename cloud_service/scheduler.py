@@ -7,6 +7,11 @@ One worker thread owns a llama.cpp context with ``slots`` sequences, each with i
 * chunks of the prompts of newly admitted sequences in the room left up to ``n_batch`` (chunked prefill, so a
   long prompt never stalls the others for more than one step).
 
+A sequence may end its prompt with a *draft* (tokens another model wrote): those positions get logits too, and
+the teacher keeps the draft up to the first token it would not have chosen itself (greedy), drops the rest
+from its cache, and generates from there: the token it chose instead is its first. Accepting a draft costs
+one prompt pass over it instead of a decode step per token (speculative verification, over text).
+
 One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
 sampler chain (its own temperature, top_p and seed), feeds its UTF-8 decoder and stop matcher, and emits text
 to its own asyncio queue. New requests join between steps; a cancelled request (client gone) leaves at the
@@ -89,6 +94,15 @@ class _Seq:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
     stops: StopMatcher | None = None
     word_end: WordEnd | None = None
+    draft: int = 0  # trailing tokens of ``tokens`` that are a draft to verify
+    read: int = 0  # prompt + draft tokens as submitted (``tokens`` is cut back at a rejected draft token)
+    accepted: int = 0  # draft tokens the teacher would have written itself
+    accepted_text: str | None = None  # their text (None: no draft, or not verified yet)
+
+    @property
+    def base(self) -> int:
+        """Where the draft starts in ``tokens``."""
+        return self.read - self.draft
 
     @property
     def generating(self) -> bool:
@@ -130,6 +144,7 @@ class BatchScheduler:
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create the batched context (out of memory?)")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's KV cache holds
         self._free: set[int] = set(range(slots))
@@ -151,9 +166,13 @@ class BatchScheduler:
             return self.stats.snapshot()
 
     async def stream(
-        self, tokens: list[int], params: GenerationParams, on_result: OnResult | None = None
+        self, tokens: list[int], params: GenerationParams, on_result: OnResult | None = None, *, draft: int = 0
     ) -> AsyncIterator[Piece | GenerationResult]:
         """Pieces as this sequence decodes, then one ``GenerationResult``.
+
+        ``draft``: the last ``draft`` of ``tokens`` are to be verified, not taken as given (see the module
+        docstring); the result says how many were accepted and their text, and the pieces are the teacher's
+        own tokens after them.
 
         ``on_result`` is called on the event loop with the final result exactly once, also when the consumer
         stopped early (cancelled) or the engine failed, so the work done is always accounted for.
@@ -172,7 +191,7 @@ class BatchScheduler:
                     loop.call_soon_threadsafe(on_result, result)
 
         seq = _Seq(tokens=tokens, params=params, emit=emit, on_result=report, cancel=threading.Event(),
-                   t_submit=perf_counter(), request_id=REQUEST_ID.get())
+                   t_submit=perf_counter(), request_id=REQUEST_ID.get(), draft=draft, read=len(tokens))
         with self._cv:
             if self._closed:
                 raise GKTError(ErrorCode.engine_error, "the teacher is shutting down")
@@ -243,11 +262,11 @@ class BatchScheduler:
                 self.stats.cancelled += 1
             return
         # The free slot whose cache shares the longest prefix with this prompt; keep at least the last
-        # prompt token to evaluate, since its logits give the first sampled token.
+        # prompt token to evaluate, since its logits give the first sampled token (or judge the draft's first).
         slot = max(self._free, key=lambda s: (common_prefix(self._slot_tokens[s], seq.tokens), -self._last_used[s]))
         self._admissions += 1
         self._last_used[slot] = self._admissions
-        keep = min(common_prefix(self._slot_tokens[slot], seq.tokens), len(seq.tokens) - 1)
+        keep = min(common_prefix(self._slot_tokens[slot], seq.tokens), seq.base - 1)
         if not self._lc.llama_memory_seq_rm(self._mem, slot, keep, -1):
             keep = 0
             self._lc.llama_memory_seq_rm(self._mem, slot, -1, -1)
@@ -280,7 +299,7 @@ class BatchScheduler:
         return chain
 
     def _step(self) -> None:
-        rows: list[tuple[_Seq, int, bool]] = []  # (sequence, tokens fed, samples after this step)
+        rows: list[tuple[_Seq, int, int, bool]] = []  # (sequence, first batch row, tokens fed, samples after)
         b = self._batch
         n = 0
 
@@ -292,18 +311,19 @@ class BatchScheduler:
 
         for seq in self._active:
             if seq.generating:
+                rows.append((seq, n, 1, True))
                 add(seq.next_token, seq.n_past, seq.slot, True)
-                rows.append((seq, 1, True))
         for seq in self._active:
             room = self.n_batch - n
             if room <= 0:
                 break
             if not seq.generating:
                 take = min(room, len(seq.tokens) - seq.n_past)
+                rows.append((seq, n, take, seq.n_past + take == len(seq.tokens)))
+                judge_from = seq.base - 1 if seq.draft else len(seq.tokens) - 1  # rows whose logits are read
                 for i in range(take):
-                    last = seq.n_past + i == len(seq.tokens) - 1
-                    add(seq.tokens[seq.n_past + i], seq.n_past + i, seq.slot, last)
-                rows.append((seq, take, seq.n_past + take == len(seq.tokens)))
+                    pos = seq.n_past + i
+                    add(seq.tokens[pos], pos, seq.slot, pos >= judge_from)
         b.n_tokens = n
         t0 = perf_counter()
         rc = self._lc.llama_decode(self._ctx, b)
@@ -311,21 +331,25 @@ class BatchScheduler:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         prompt_fed = 0
-        for seq, fed, _ in rows:
+        fed_from: dict[int, int] = {}  # id(sequence) -> its first position in this step (prompt chunks)
+        for seq, _, fed, _ in rows:
             if seq.generating:
                 self._slot_tokens[seq.slot].append(seq.next_token)
             else:
+                fed_from[id(seq)] = seq.n_past
                 self._slot_tokens[seq.slot].extend(seq.tokens[seq.n_past : seq.n_past + fed])
                 prompt_fed += fed
             seq.n_past += fed
             seq.engine_s += dt * fed / n
-        # Sample in batch order: row index i of a sampling sequence is where its logits are.
-        index = 0
         sampled = 0
-        for seq, fed, samples in rows:
-            index += fed
+        for seq, row, fed, samples in rows:
+            if seq.draft and seq.accepted_text is None and id(seq) in fed_from:
+                if self._judge(seq, row, fed_from[id(seq)], fed):
+                    sampled += 1  # the teacher's own token replaced a draft token
+                    continue
             if samples:
-                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, index - 1)
+                # The last row of a sequence's rows holds its logits for the next token.
+                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, row + fed - 1)
                 sampled += 1
                 self._on_token(seq, tok)
         with self._stats_lock:
@@ -338,6 +362,39 @@ class BatchScheduler:
                 st.sampled_tokens += sampled
                 st.batch_sizes[sampled] = st.batch_sizes.get(sampled, 0) + 1
                 st.max_batch = max(st.max_batch, sampled)
+
+    def _judge(self, seq: _Seq, row: int, pos0: int, fed: int) -> bool:
+        """Check the draft tokens this step's logits predict (rows ``row``.. for positions ``pos0``..).
+
+        At the first draft token the teacher would not have chosen (greedy), cut the draft there, forget the
+        rest from the cache and take the teacher's choice as its first token: True. False while the draft
+        holds (and when all of it held: the caller samples the token after it as usual)."""
+        import numpy as np
+
+        n_vocab = self._n_vocab
+        for pos in range(max(pos0, seq.base - 1), pos0 + fed):
+            if pos + 1 >= seq.read:  # the row after the whole draft: it held
+                self._accept(seq)
+                return False
+            ptr = self._lc.llama_get_logits_ith(self._ctx, row + pos - pos0)
+            choice = int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
+            if choice == seq.tokens[pos + 1]:
+                seq.accepted += 1
+                continue
+            del seq.tokens[pos + 1 :]
+            self._lc.llama_memory_seq_rm(self._mem, seq.slot, pos + 1, -1)
+            del self._slot_tokens[seq.slot][pos + 1 :]
+            seq.n_past = pos + 1
+            self._accept(seq)
+            self._on_token(seq, choice)
+            return True
+        return False
+
+    def _accept(self, seq: _Seq) -> None:
+        """The verdict is in: the accepted draft's text goes through this sequence's decoder (a character cut
+        by the verdict is completed by the teacher's next token), and nothing of it is emitted."""
+        accepted = seq.tokens[seq.base : seq.base + seq.accepted]
+        seq.accepted_text = seq.decoder.decode(b"".join(self._detokenize(t) for t in accepted))
 
     def _on_token(self, seq: _Seq, tok: int) -> None:
         if seq.t_first is None:
@@ -369,7 +426,10 @@ class BatchScheduler:
         t_first = seq.t_first or t_end
         return GenerationResult(
             finish_reason=finish,  # type: ignore[arg-type]
-            prompt_tokens=len(seq.tokens),
+            prompt_tokens=seq.base,
+            draft_tokens=seq.draft,
+            draft_accepted_tokens=seq.accepted,
+            draft_accepted_text=seq.accepted_text if seq.draft else None,
             completion_tokens=seq.generated,
             queue_s=t_admit - seq.t_submit,
             prompt_s=t_first - t_admit,

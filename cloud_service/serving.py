@@ -143,10 +143,12 @@ class GuidanceService:
             seq=seq,
             finish_reason="stop" if result.finish_reason == "stop" else "length",
             model=self.engine.model_name,
-            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+            usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                        draft_tokens=result.draft_tokens, draft_accepted_tokens=result.draft_accepted_tokens),
             timings=Timings(queue_s=result.queue_s, prompt_s=result.prompt_s, generation_s=result.generation_s),
             cost=self.ledger.free() if cached else self.ledger.price(result),
             cached=cached,
+            draft_accepted=None if result.draft_accepted_text is None else len(result.draft_accepted_text),
         )
 
     async def sse(self, generation: Generation) -> AsyncIterator[bytes]:
@@ -206,6 +208,7 @@ class GuidanceService:
                     return GuidanceResult(
                         text="".join(parts), finish_reason=done.finish_reason, model=done.model,
                         usage=done.usage, timings=done.timings, cost=done.cost, cached=done.cached,
+                        draft_accepted=done.draft_accepted,
                     )
         finally:
             with contextlib.suppress(Exception):

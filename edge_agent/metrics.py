@@ -60,19 +60,21 @@ class EdgeMetrics:
         for side in ("teacher", "student"):
             self.cost.labels(side)
         self.guidance_calls = Counter("gkt_edge_guidance_calls_total",
-                                      "Guidance calls to the cloud: kind=first (one per gkt/teacher answer) or "
-                                      "reguide (the student's confidence dropped; see the reguide policy).",
+                                      "Guidance calls to the cloud: kind=first (one per gkt/teacher answer), "
+                                      "reguide (the student's confidence dropped; see the reguide policy) or "
+                                      "verify (the teacher checked a student draft; see the verify policy).",
                                       ["kind"], registry=r)
         self.guidance_ended_early = Counter("gkt_edge_guidance_ended_early_total",
                                             "First guidance ended by the edge at a step boundary (adaptive).",
                                             registry=r)
         self.student_discarded = Counter("gkt_edge_student_discarded_tokens_total",
-                                         "Student tokens taken back when the teacher was called again.", registry=r)
+                                         "Student tokens taken back when the teacher was called again, "
+                                         "or drafted and not kept by the teacher (verify).", registry=r)
         self.answers_by_policy = Counter("gkt_edge_answers_by_policy_total", "gkt-mode answers by guidance policy.",
                                          ["policy"], registry=r)
-        for kind in ("first", "reguide"):
+        for kind in ("first", "reguide", "verify"):
             self.guidance_calls.labels(kind)
-        for policy in ("fixed", "adaptive", "reguide"):
+        for policy in ("fixed", "adaptive", "reguide", "verify"):
             self.answers_by_policy.labels(policy)
         self.fallbacks = Counter("gkt_edge_fallbacks_total",
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "

@@ -22,14 +22,23 @@ from pydantic import BaseModel, Field, ValidationError
 
 from edge_agent.cloud import CloudClient
 from edge_agent.fastpath import Prefetcher
-from edge_agent.policies import FirstStop, FixedPolicy, ReguidePolicy, Reguider, Trigger, first_stop
+from edge_agent.policies import (
+    FirstStop,
+    FixedPolicy,
+    ReguidePolicy,
+    Reguider,
+    Trigger,
+    VerifyPolicy,
+    first_stop,
+    kept_tokens,
+)
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.rollback import StudentRound
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
 from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult
+from shared.generation import GenerationParams, GenerationResult, StopMatcher
 from shared.llama import LlamaEngine
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
@@ -54,6 +63,8 @@ class GKTUsage(BaseModel):
     # The teacher's prompt tokens of a guidance call the edge ended early (adaptive) are not reported by the
     # cloud; they are counted with the student's tokenizer instead, and this says so.
     teacher_prompt_tokens_estimated: bool = False
+    # Student drafts the teacher read to verify them (verify policy), in the teacher's tokens: input, not output.
+    teacher_draft_tokens: int = 0
 
 
 class GKTTimings(BaseModel):
@@ -77,9 +88,12 @@ class GKTTimings(BaseModel):
 class GuidanceCall(BaseModel):
     """One guidance call of an answer: the first, or a re-guidance in the middle of the student's text."""
 
-    kind: Literal["first", "reguide"]
+    kind: Literal["first", "reguide", "verify"]
     reason: str | None = None  # re-guidance: low_confidence or decision_point
     offset: int = 0  # where its text starts in the answer, in characters
+    draft: str | None = None  # verify: the student's draft the teacher checked
+    draft_accepted: int | None = None  # verify: characters of the draft the teacher kept (before ``offset``)
+    draft_teacher_tokens: int = 0  # verify: the draft in the teacher's tokens (input it read)
     text: str = ""  # the guidance kept in the answer (cut at a safe boundary)
     max_tokens: int = 0  # teacher tokens asked for
     teacher_tokens: int = 0  # teacher tokens received
@@ -224,7 +238,7 @@ class Pipeline:
         info.usage.student_prompt_tokens = len(plan.student_tokens)
         # The fast path: the student prefills its prompt, then the guidance, while the guidance streams.
         prefetch = None
-        if plan.mode == "gkt" and self.settings.fast_path:
+        if plan.mode == "gkt" and self.settings.fast_path and not isinstance(plan.policy, VerifyPolicy):
             prefetch = Prefetcher(self.student, plan.student_prefix, plan.special)
             prefetch.start(plan.student_tokens)
         try:
@@ -261,7 +275,7 @@ class Pipeline:
             first.text = info.guidance = "".join(parts)
             info.guidance_complete = first.finish == "stop"
             finish = "stop" if info.guidance_complete else "length"
-        elif plan.mode == "gkt":
+        elif plan.mode == "gkt" and not isinstance(plan.policy, VerifyPolicy):
             info.guidance_tokens = plan.k
             first = GuidanceCall(kind="first", max_tokens=plan.k)
             info.calls.append(first)
@@ -285,6 +299,15 @@ class Pipeline:
         answer = "".join(parts)
         student_ran = False
         generated = kept = 0
+        if plan.mode == "gkt" and isinstance(plan.policy, VerifyPolicy):
+            drafting = _Drafting()
+            async with aclosing(self._drafts(plan, plan.policy, info, drafting)) as deltas:
+                async for delta in deltas:
+                    first_token()
+                    parts.append(delta.text)
+                    yield delta
+            answer = "".join(parts)
+            finish, generated, kept, student_ran = drafting.finish, drafting.generated, drafting.kept, True
         while finish is None:
             tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
             remaining = plan.max_tokens - (len(tokens) - len(plan.student_tokens))
@@ -372,7 +395,8 @@ class Pipeline:
         else:
             completion_tokens = info.usage.teacher_tokens
         info.timings.total_s = perf_counter() - t0
-        info.cost = self._cost(info, first, wrote_all=plan.mode == "teacher" or info.guidance_complete)
+        counterfactual = first or (info.calls[0] if info.calls else None)  # verify: the first call's prompt
+        info.cost = self._cost(info, counterfactual, wrote_all=plan.mode == "teacher" or info.guidance_complete)
         if plan.task is not None:
             info.answer = plan.task.extract("".join(parts))
         prompt_tokens = info.usage.teacher_prompt_tokens if plan.mode == "teacher" else len(plan.student_tokens)
@@ -415,6 +439,102 @@ class Pipeline:
             yield tail
         call.text = seam.kept
 
+    async def _drafts(self, plan: Plan, policy: VerifyPolicy, info: GKTInfo, state: _Drafting) -> AsyncIterator[Delta]:
+        """The verify policy: the student drafts, the teacher keeps each draft up to its first wrong token and
+        writes from there, until the answer ends. The user sees each draft's kept part and the teacher's tokens.
+
+        Stop sequences are matched over the whole answer here (a stop may span student and teacher text). A
+        student that stops after a draft the teacher kept whole ends the answer; a failed call leaves the
+        student to finish alone (the draft stands): ``fallback`` if no call had succeeded, else ``partial``."""
+        assert plan.guidance is not None
+        guard = StopMatcher(plan.stop)
+        answer = ""
+        verifying = policy.max_calls > 0
+        calls = 0
+
+        def show(text: str, source: Source) -> tuple[Delta | None, bool]:
+            nonlocal answer
+            safe, hit = guard.feed(text)
+            answer += text
+            return (Delta(safe, source) if safe else None), hit
+
+        while True:
+            tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
+            remaining = plan.max_tokens - (len(tokens) - len(plan.student_tokens))
+            if remaining <= 0:
+                state.finish = "length"
+                break
+            n = min(policy.draft_tokens, remaining) if verifying else remaining
+            params = GenerationParams(max_tokens=n, temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
+                                      stop=plan.stop)
+            pieces: list[tuple[str, int]] = []
+            result: GenerationResult | None = None
+            hit = False
+            halt = threading.Event()
+            async with aclosing(self.student.stream(tokens, params, halt)) as gen:
+                async for item in gen:
+                    if isinstance(item, GenerationResult):
+                        result = item
+                    elif verifying:
+                        pieces.append((item.text, item.tokens))
+                    elif not hit:  # no more checking: the student's text goes out as it comes
+                        delta, hit = show(item.text, "student")
+                        if hit:
+                            halt.set()  # a stop sequence across the seam: the student stops at its next token
+                        if delta is not None:
+                            yield delta
+            assert result is not None
+            self._student_done(result, info)
+            state.generated += result.completion_tokens
+            stopped = result.finish_reason == "stop"
+            if not verifying:
+                state.kept += result.completion_tokens
+                state.finish = "stop" if stopped or hit else "length"
+                break
+            draft = "".join(text for text, _ in pieces)
+            if stopped and not draft:
+                state.finish = "stop"  # the student ends the answer where the teacher's last check left it
+                break
+            call = GuidanceCall(kind="verify", offset=len(answer), max_tokens=policy.tokens, draft=draft or None)
+            info.calls.append(call)
+            calls += 1
+            request = self._continuation(plan, plan.guidance, answer, policy.tokens).model_copy(
+                update={"draft": draft or None, "whole_words": False})
+            written = ""
+            async with aclosing(self._guidance(plan, request, info, call)) as guidance:
+                async for item in guidance:
+                    if isinstance(item, str):
+                        written += item
+            if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
+                verifying = False
+                if calls == 1:
+                    info.fallback = call.finish
+                else:
+                    info.partial, info.partial_reason = True, call.finish
+                state.kept += result.completion_tokens
+                delta, hit = show(draft, "student")
+                if delta is not None:
+                    yield delta
+                if stopped or hit:
+                    state.finish = "stop"
+                    break
+                continue
+            accepted = min(call.draft_accepted or 0, len(draft))
+            state.kept += kept_tokens(pieces, accepted)
+            call.offset, call.text = len(answer) + accepted, written
+            for text, source in ((draft[:accepted], "student"), (written, "teacher")):
+                if text and not hit:
+                    delta, hit = show(text, source)  # type: ignore[arg-type]
+                    if delta is not None:
+                        yield delta
+            if hit or call.finish == "stop" or (stopped and accepted == len(draft)):
+                state.finish = "stop"  # a stop sequence, the teacher's end, or a student end the teacher agreed to
+                break
+            if calls >= policy.max_calls or (call.cloud_ttft_s or 0.0) > policy.max_wait_s:
+                verifying = False
+        if state.finish == "length" and (tail := guard.flush()):
+            yield Delta(tail, "student")
+
     @staticmethod
     def _continuation(plan: Plan, request: GuidanceRequest, answer: str, max_tokens: int) -> GuidanceRequest:
         """The guidance request for the next tokens after ``answer``: the raw prompt with the answer appended,
@@ -450,6 +570,8 @@ class Pipeline:
                         call.teacher_tokens = frame.usage.completion_tokens
                         call.finish = frame.finish_reason
                         call.cost = frame.cost
+                        call.draft_accepted = frame.draft_accepted
+                        call.draft_teacher_tokens = frame.usage.draft_tokens
                         if is_first:
                             info.timings.teacher = frame.timings
                             info.guidance_cached = frame.cached
@@ -470,7 +592,7 @@ class Pipeline:
                     info.fallback = err.code.name
                     log.warning("no guidance (%s): the student answers alone", err.code.name)
             else:
-                log.warning("re-guidance failed (%s): the student finishes alone", err.code.name)
+                log.warning("%s call failed (%s): the student finishes alone", call.kind, err.code.name)
         finally:
             call.s = perf_counter() - t0
             if is_first:
@@ -483,6 +605,7 @@ class Pipeline:
         u = info.usage
         info.guidance_calls = len(info.calls)
         u.teacher_tokens = sum(c.teacher_tokens for c in info.calls)
+        u.teacher_draft_tokens = sum(c.draft_teacher_tokens for c in info.calls)
         u.teacher_prompt_tokens = 0
         u.guidance_student_tokens = 0
         for c in info.calls:
@@ -530,6 +653,15 @@ class Pipeline:
         t.student_queue_s = (t.student_queue_s or 0.0) + result.queue_s
         t.student_prompt_s = (t.student_prompt_s or 0.0) + result.prompt_s
         t.student_generation_s = (t.student_generation_s or 0.0) + result.generation_s
+
+
+@dataclass
+class _Drafting:
+    """How the verify policy's rounds ended, for the answer's summary."""
+
+    finish: Literal["stop", "length"] = "length"
+    generated: int = 0  # student tokens generated, rejected drafts included
+    kept: int = 0  # of them, in the answer
 
 
 def _sum_costs(costs: list[TeacherCost]) -> TeacherCost | None:

@@ -10,7 +10,13 @@ parameters) and decides two things, from signals the edge sees anyway:
 * **whether to ask again** (``Reguider``): ``reguide`` watches the student's confidence (the log-probability
   of each token it samples) and, when it stays low for ``span`` tokens, or drops at a decision point (a
   number, an operator, the final answer line), stops the student, takes back what it wrote of the unsure
-  span, and asks the teacher for the next ``tokens`` tokens of the answer so far; then the student goes on.
+  span, and asks the teacher for the next ``tokens`` tokens of the answer so far; then the student goes on;
+* or, under ``verify``, **who checks whom**: the student drafts ``draft_tokens`` tokens at a time and the
+  teacher reads each draft (one prompt pass over it, no decoding), keeps it up to the first token it would not
+  have chosen itself (greedy), and writes ``tokens`` of its own from there. The answer is the teacher's own
+  greedy answer (the same text, up to tokenizer seams), while the teacher writes only the tokens where the
+  student was wrong: an error signal rather than the student's uncertainty. The cloud does the checking
+  (``GuidanceRequest.draft``); the llama.cpp teacher backend supports it.
 
 Everything here is pure (text and numbers in, decisions out), so the decisions are tested on scripted
 sequences (``tests/test_policies.py``); ``edge_agent/pipeline.py`` does the I/O.
@@ -31,6 +37,10 @@ Defaults (documented in README.md):
 | reguide | `max_teacher_tokens` | 160 | teacher tokens per answer, all calls together |
 | reguide | `min_gap` | 8 | student tokens after any guidance before the next call |
 | reguide | `max_wait_s` | 10 | no more calls once one took longer than this to its first token |
+| verify | `draft_tokens` | 8 | student tokens per draft the teacher checks |
+| verify | `tokens` | 1 | teacher tokens written where a draft goes wrong (or after a draft it kept whole) |
+| verify | `max_calls` | 256 | verification calls per answer; then the student finishes alone |
+| verify | `max_wait_s` | 10 | no more calls once one took longer than this to its first token |
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PolicyName = Literal["fixed", "adaptive", "reguide"]
+PolicyName = Literal["fixed", "adaptive", "reguide", "verify"]
 
 
 class FixedPolicy(BaseModel):
@@ -87,7 +97,33 @@ class ReguidePolicy(BaseModel):
                               description="No more calls once a guidance call took longer to its first token.")
 
 
-GuidancePolicy = Annotated[FixedPolicy | AdaptivePolicy | ReguidePolicy, Field(discriminator="name")]
+class VerifyPolicy(BaseModel):
+    """The student drafts, the teacher keeps each draft up to its first wrong token and writes from there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["verify"] = "verify"
+    draft_tokens: int = Field(8, ge=1, le=256, description="Student tokens per draft the teacher checks.")
+    tokens: int = Field(1, ge=1, le=256, description="Teacher tokens written where a draft goes wrong.")
+    max_calls: int = Field(256, ge=0, le=4096,
+                           description="Verification calls per answer; then the student finishes alone.")
+    max_wait_s: float = Field(10.0, gt=0.0, le=3600.0,
+                              description="No more calls once one took longer than this to its first token.")
+
+
+GuidancePolicy = Annotated[FixedPolicy | AdaptivePolicy | ReguidePolicy | VerifyPolicy, Field(discriminator="name")]
+
+
+def kept_tokens(pieces: list[tuple[str, int]], chars: int) -> int:
+    """Tokens of a draft's pieces ((text, tokens) in order) that its first ``chars`` characters use; a piece
+    the cut goes through counts (its start is in the answer)."""
+    kept = pos = 0
+    for text, tokens in pieces:
+        if pos >= chars:
+            break
+        kept += tokens
+        pos += len(text)
+    return kept
 
 
 def policy_from(value: Any) -> Any:

@@ -8,7 +8,8 @@ Extension fields (top level of the request body; with the ``openai`` client pass
 * ``task``: ``gsm8k`` or ``csqa``: the last user message (or the prompt) is a question, turned into the
   task's few-shot prompt with its stop sequences; the answer is extracted into ``gkt.answer``;
 * ``guidance_policy``: how much of the teacher the answer gets in gkt mode: ``fixed`` (default: k tokens),
-  ``adaptive`` or ``reguide``, as a name or an object with the name and parameters (``edge_agent/policies.py``).
+  ``adaptive``, ``reguide`` or ``verify``, as a name or an object with the name and parameters
+  (``edge_agent/policies.py``).
 
 Fields of the OpenAI API that gkt does not implement are ignored, except ``n`` > 1, which is refused.
 """
@@ -47,7 +48,7 @@ class _Common(BaseModel):
     guidance_tokens: int | None = Field(None, ge=1, le=8192, description="k: teacher tokens in gkt mode.")
     task: str | None = Field(None, description=f"Few-shot task: one of {sorted(TASKS)}.")
     guidance_policy: GuidancePolicy | None = Field(
-        None, description="gkt mode: fixed (default), adaptive or reguide, by name or with parameters."
+        None, description="gkt mode: fixed (default), adaptive, reguide or verify, by name or with parameters."
     )
 
     @field_validator("guidance_policy", mode="before")

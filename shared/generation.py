@@ -50,6 +50,11 @@ class GenerationResult:
     # This sequence's share of the engine's busy time (a batched step's time split by tokens); what an
     # accelerator-second price is charged on. Engines without a share report their wall time.
     engine_s: float = 0.0
+    # A draft verified ahead of the generation (the scheduler's ``draft``): its tokens, how many the teacher
+    # accepted and their text (None: no draft). ``prompt_tokens`` excludes the draft; the teacher read both.
+    draft_tokens: int = 0
+    draft_accepted_tokens: int = 0
+    draft_accepted_text: str | None = None
 
 
 class StopMatcher:

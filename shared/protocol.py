@@ -19,6 +19,7 @@ PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "X-GKT-Protocol"
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_DRAFT_CHARS = 8192
 
 
 def check_text(value: str, field: str) -> str:
@@ -98,11 +99,22 @@ class GuidanceRequest(SamplingParams):
     timeout_ms: int | None = Field(
         None, ge=1, le=3_600_000, description="The caller's remaining budget; the cloud stops at it (T4)."
     )
+    draft: str | None = Field(
+        None, min_length=1, max_length=MAX_DRAFT_CHARS,
+        description="Text another model wrote to continue the prompt (or the final assistant message): the "
+        "teacher keeps it up to the first token it would not have chosen itself (greedy) and writes up to "
+        "max_tokens tokens of its own from there. The done frame says how much was kept (draft_accepted).",
+    )
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str | None) -> str | None:
         return None if v is None else check_text(v, "prompt")
+
+    @field_validator("draft")
+    @classmethod
+    def _draft(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "draft")
 
     @model_validator(mode="after")
     def _one_input(self) -> GuidanceRequest:
@@ -129,6 +141,8 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    draft_tokens: int = 0  # a draft the teacher verified (read, not written)
+    draft_accepted_tokens: int = 0
 
 
 class Timings(BaseModel):
@@ -169,6 +183,9 @@ class DoneFrame(BaseModel):
     timings: Timings
     cost: TeacherCost | None = None
     cached: bool = Field(False, description="Served from the guidance cache (no engine work, no teacher cost).")
+    draft_accepted: int | None = Field(
+        None, description="Characters of the request's draft the teacher kept (its text follows them); None "
+        "without a draft.")
 
 
 class ErrorInfo(BaseModel):
@@ -208,6 +225,9 @@ class GuidanceResult(BaseModel):
     timings: Timings
     cost: TeacherCost | None = None
     cached: bool = Field(False, description="Served from the guidance cache (no engine work, no teacher cost).")
+    draft_accepted: int | None = Field(
+        None, description="Characters of the request's draft the teacher kept (its text follows them); None "
+        "without a draft.")
 
 
 class BatchGuidanceRequest(BaseModel):

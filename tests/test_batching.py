@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -166,3 +167,38 @@ async def test_continues_a_final_assistant_message(cloud: Service) -> None:
     assert r.status_code == 200, r.text
     text = r.json()["text"]
     assert text.startswith("Paris"), text
+
+
+async def test_a_draft_is_judged_across_chunked_prefill_steps() -> None:
+    """A draft that does not fit in one decode step (n_batch 16, prompt + draft about 40 tokens): its verdict
+    spans steps and still cuts at the first token the teacher would not have chosen; the cut leaves the
+    slot's cache as if the rejected tokens had never been there."""
+    engine = LlamaTeacher._load(CloudSettings(model="smollm2-135m-instruct", n_ctx=512, n_batch=16,
+                                              max_in_flight=2, n_threads=1, auth=False))
+    try:
+        prompt = GuidanceRequest(prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0)
+
+        async def run(request: GuidanceRequest) -> tuple[list[str], Any]:
+            pieces, result = [], None
+            async for item in await engine.open(request):
+                if isinstance(item, Piece):
+                    pieces.append(item.text)
+                else:
+                    result = item
+            return pieces, result
+
+        pieces, _ = await run(prompt)
+        assert len(pieces) == 30 and all(pieces)
+        good = "".join(pieces[:24])
+        kept, result = await run(prompt.model_copy(update={"draft": good, "max_tokens": 3}))
+        assert result.prompt_tokens < 16 < result.prompt_tokens + result.draft_tokens - 16  # three steps
+        assert result.draft_accepted_text == good and result.draft_accepted_tokens == 24
+        assert kept == pieces[24:27]
+        bad = "".join(pieces[:20]) + " zebra zebra zebra"
+        cut, result = await run(prompt.model_copy(update={"draft": bad, "max_tokens": 2}))
+        assert result.draft_accepted_text == "".join(pieces[:20]) and cut == pieces[20:22]
+        again, _ = await run(prompt)
+        assert again == pieces
+    finally:
+        engine.scheduler.close()
+        engine._llm.close()

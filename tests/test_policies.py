@@ -4,15 +4,19 @@ log-probabilities for re-guidance, and the student's text taken back at a safe b
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from edge_agent.policies import (
     AdaptivePolicy,
     FixedPolicy,
+    GuidancePolicy,
     ReguidePolicy,
     Reguider,
+    VerifyPolicy,
     decision_point,
     first_stop,
+    kept_tokens,
+    policy_from,
 )
 from edge_agent.protocol import CompletionRequest
 from edge_agent.rollback import StudentRound, cut_before
@@ -179,3 +183,23 @@ def test_a_round_the_student_ends_itself_releases_everything() -> None:
     assert rnd.add(Piece(" The", 1), None) == ""
     assert rnd.add(Piece(" answer", 1), 1) == " The"  # unsure from piece 1 on
     assert rnd.finish() == " answer" and rnd.kept_tokens == 2
+
+
+# --- verify --------------------------------------------------------------------------------------------
+
+
+def test_verify_defaults_and_bounds() -> None:
+    p = TypeAdapter(GuidancePolicy).validate_python(policy_from("verify"))
+    assert isinstance(p, VerifyPolicy) and (p.draft_tokens, p.tokens, p.max_calls) == (8, 1, 256)
+    for bad in ({"draft_tokens": 0}, {"tokens": 0}, {"max_wait_s": 0}, {"k": 3}):
+        with pytest.raises(ValidationError):
+            TypeAdapter(GuidancePolicy).validate_python({"name": "verify", **bad})
+
+
+def test_kept_tokens_counts_the_pieces_a_kept_prefix_uses() -> None:
+    pieces = [(" The", 1), (" answer", 1), (" é", 2), (" is", 1)]
+    assert kept_tokens(pieces, 0) == 0
+    assert kept_tokens(pieces, 4) == 1  # " The"
+    assert kept_tokens(pieces, 5) == 2  # the cut goes through " answer": its start is in the answer
+    assert kept_tokens(pieces, 13) == 4  # " é" is one character from two tokens
+    assert kept_tokens(pieces, 100) == 5

@@ -55,23 +55,31 @@ class LlamaTeacher:
         cut: TrailingWhitespace | None = None
         if request.messages is not None:
             messages = [m.model_dump() for m in request.messages]
-            if request.continues:
+            if request.continues and request.draft is None:
                 # Continue the final assistant message: the template opens a new assistant turn after
                 # the earlier messages, and the partial answer follows as plain text.
                 cut = TrailingWhitespace(messages[-1]["content"])
                 prompt = self.text.render_chat(messages[:-1]) + cut.prompt
+            elif request.continues:  # a draft follows the answer exactly as it stands
+                prompt = self.text.render_chat(messages[:-1]) + messages[-1]["content"]
             else:
                 prompt = self.text.render_chat(messages)
             tokens, param = self.text.tokenize(prompt, special=True), "messages"
         else:
             tokens, param = self.text.tokenize(request.prompt or "", special=False), "prompt"
+        draft: list[int] = []
+        if request.draft is not None:
+            # Tokenized on its own: the seam between prompt and draft stays where the text says it is, so the
+            # accepted tokens' text is a prefix of the draft.
+            draft = self.text.tokenize(request.draft, special=False, add_bos=False)
+            tokens += draft
         self.text.check_fits(len(tokens), request.max_tokens, param)
         budget, word_end_after = request.budget(self.text.n_ctx - len(tokens))
         params = GenerationParams(
             max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop, word_end_after=word_end_after,
         )
-        stream = self.scheduler.stream(tokens, params, on_result)
+        stream = self.scheduler.stream(tokens, params, on_result, draft=len(draft))
         return stream if cut is None else _cut_leading(stream, cut)
 
     async def aclose(self) -> None:

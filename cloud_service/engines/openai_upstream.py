@@ -93,6 +93,11 @@ class OpenAITeacher:
         return "completions", body, None
 
     async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation:
+        if request.draft is not None:
+            # Verifying a draft needs the teacher's choice at every draft position in one pass; the OpenAI
+            # API offers that only through backend-specific extensions (vLLM's prompt_logprobs), not used yet.
+            raise GKTError(ErrorCode.invalid_request, "this cloud's teacher backend (openai) cannot verify "
+                           "drafts; the llama.cpp backend can", param="draft")
         path, body, cut = self._body(request)
         t0 = perf_counter()
         try:

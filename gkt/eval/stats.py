@@ -43,9 +43,14 @@ def cost(rec: dict[str, Any], prices: PriceTable) -> float:
     u, t = rec["usage"], rec["timings"]
     teacher = t.get("teacher") or {}
     ran = rec["config"]["mode"] != "teacher"
+    # Engine time: the first call's timings, or every call's as the cloud stated it where calls have no
+    # first (verify: many short calls, each a prompt pass over a draft).
+    engine_s = (teacher.get("prompt_s") or 0.0) + (teacher.get("generation_s") or 0.0)
+    if not teacher and rec.get("calls"):
+        engine_s = sum((c.get("cost") or {}).get("accelerator_s", 0.0) for c in rec["calls"])
     return prices.answer(
-        teacher_prompt_tokens=u["teacher_prompt_tokens"], teacher_tokens=u["teacher_tokens"],
-        teacher_engine_s=(teacher.get("prompt_s") or 0.0) + (teacher.get("generation_s") or 0.0),
+        teacher_prompt_tokens=u["teacher_prompt_tokens"] + u.get("teacher_draft_tokens", 0),
+        teacher_tokens=u["teacher_tokens"], teacher_engine_s=engine_s,
         student_tokens=u["student_prompt_tokens"] + u["guidance_student_tokens"] + u["student_tokens"] if ran else 0,
         student_cpu_s=(t.get("student_prompt_s") or 0.0) + (t.get("student_generation_s") or 0.0),
     )
