@@ -9,6 +9,7 @@ from what arrived (``partial``). Either way the answer is not lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -443,14 +444,17 @@ class Pipeline:
         """The verify policy: the student drafts, the teacher keeps each draft up to its first wrong token and
         writes from there, until the answer ends. The user sees each draft's kept part and the teacher's tokens.
 
-        Stop sequences are matched over the whole answer here (a stop may span student and teacher text). A
-        student that stops after a draft the teacher kept whole ends the answer; a failed call leaves the
-        student to finish alone (the draft stands): ``fallback`` if no call had succeeded, else ``partial``."""
+        The student runs one draft ahead: while the teacher checks a draft, the student writes the next one as
+        if the check will keep it whole; that draft is used when it was (and the teacher's token after it is
+        where the new draft starts), dropped otherwise. Stop sequences are matched over the whole answer here
+        (a stop may span student and teacher text). A student that stops after a draft the teacher kept whole
+        ends the answer; a failed call leaves the student to finish alone (the draft stands): ``fallback`` if
+        no call had succeeded, else ``partial``."""
         assert plan.guidance is not None
         guard = StopMatcher(plan.stop)
         answer = ""
-        verifying = policy.max_calls > 0
         calls = 0
+        ahead: _Draft | None = None  # written while the previous draft was being checked
 
         def show(text: str, source: Source) -> tuple[Delta | None, bool]:
             nonlocal answer
@@ -458,82 +462,141 @@ class Pipeline:
             answer += text
             return (Delta(safe, source) if safe else None), hit
 
-        while True:
-            tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
-            remaining = plan.max_tokens - (len(tokens) - len(plan.student_tokens))
-            if remaining <= 0:
-                state.finish = "length"
+        def room(text: str) -> int:
+            used = len(self.student.tokenize(plan.student_prefix + text, special=plan.special))
+            return plan.max_tokens - (used - len(plan.student_tokens))
+
+        while calls < policy.max_calls:
+            if ahead is not None:
+                draft, ahead = ahead, None
+            else:
+                left = room(answer)
+                if left <= 0:
+                    state.finish = "length"
+                    break
+                draft = await self._draft(plan, answer, min(policy.draft_tokens, left), info, state)
+            if draft.stopped and not draft.text:
+                state.finish = "stop"  # the student ends the answer where the teacher's last check left it
                 break
-            n = min(policy.draft_tokens, remaining) if verifying else remaining
-            params = GenerationParams(max_tokens=n, temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
-                                      stop=plan.stop)
-            pieces: list[tuple[str, int]] = []
-            result: GenerationResult | None = None
-            hit = False
+            call = GuidanceCall(kind="verify", offset=len(answer), max_tokens=policy.tokens, draft=draft.text)
+            info.calls.append(call)
+            calls += 1
+            request = self._continuation(plan, plan.guidance, answer, policy.tokens).model_copy(
+                update={"draft": draft.text, "whole_words": False})
+            check = asyncio.ensure_future(self._written(plan, request, info, call))
             halt = threading.Event()
+            nxt: asyncio.Future[_Draft] | None = None
+            left = room(answer + draft.text)
+            if not draft.stopped and left > 0 and calls < policy.max_calls:
+                nxt = asyncio.ensure_future(self._draft(plan, answer + draft.text, min(policy.draft_tokens, left),
+                                                        info, state, halt))
+            try:
+                written = await check
+            except BaseException:  # closed or cancelled while waiting: neither task outlives the answer
+                check.cancel()
+                halt.set()
+                if nxt is not None:
+                    nxt.cancel()
+                raise
+            if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
+                if calls == 1:
+                    info.fallback = call.finish
+                else:
+                    info.partial, info.partial_reason = True, call.finish
+                if nxt is not None:
+                    ahead = await nxt  # written after this draft: it goes out too
+                state.kept += draft.generated
+                delta, hit = show(draft.text, "student")
+                if delta is not None:
+                    yield delta
+                if draft.stopped or hit:
+                    state.finish = "stop"
+                    return
+                break
+            accepted = min(call.draft_accepted or 0, len(draft.text))
+            whole = accepted == len(draft.text)
+            if nxt is not None:
+                if not whole:
+                    halt.set()  # the student wrote on from text the teacher did not keep
+                ahead = (await nxt).after(written) if whole else None
+            state.kept += kept_tokens(draft.pieces, accepted)
+            call.offset, call.text = len(answer) + accepted, written
+            hit = False
+            for text, source in ((draft.text[:accepted], "student"), (written, "teacher")):
+                if text and not hit:
+                    delta, hit = show(text, source)  # type: ignore[arg-type]
+                    if delta is not None:
+                        yield delta
+            if hit or call.finish == "stop" or (draft.stopped and whole):
+                state.finish = "stop"  # a stop sequence, the teacher's end, or a student end the teacher agreed to
+                return
+            if ahead is not None and ahead.stopped and not ahead.text:
+                state.finish = "stop"  # the student stops right after the teacher's token, which it also wrote
+                return
+            if (call.cloud_ttft_s or 0.0) > policy.max_wait_s:
+                break
+        if state.finish == "stop":
+            return
+        # No more checking (budget, a slow or failed cloud): the student's text goes out as it comes.
+        if ahead is not None:
+            state.kept += ahead.generated
+            delta, hit = show(ahead.text, "student")
+            if delta is not None:
+                yield delta
+            if hit or ahead.stopped:
+                state.finish = "stop"
+                return
+        left = room(answer)
+        if left <= 0:
+            state.finish = "length"
+        else:
+            halt = threading.Event()
+            params = GenerationParams(max_tokens=left, temperature=plan.temperature, top_p=plan.top_p,
+                                      seed=plan.seed, stop=plan.stop)
+            tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
+            hit = False
             async with aclosing(self.student.stream(tokens, params, halt)) as gen:
                 async for item in gen:
                     if isinstance(item, GenerationResult):
-                        result = item
-                    elif verifying:
-                        pieces.append((item.text, item.tokens))
-                    elif not hit:  # no more checking: the student's text goes out as it comes
+                        self._student_done(item, info)
+                        state.generated += item.completion_tokens
+                        state.kept += item.completion_tokens
+                        state.finish = "stop" if item.finish_reason != "length" or hit else "length"
+                    elif not hit:
                         delta, hit = show(item.text, "student")
                         if hit:
                             halt.set()  # a stop sequence across the seam: the student stops at its next token
                         if delta is not None:
                             yield delta
-            assert result is not None
-            self._student_done(result, info)
-            state.generated += result.completion_tokens
-            stopped = result.finish_reason == "stop"
-            if not verifying:
-                state.kept += result.completion_tokens
-                state.finish = "stop" if stopped or hit else "length"
-                break
-            draft = "".join(text for text, _ in pieces)
-            if stopped and not draft:
-                state.finish = "stop"  # the student ends the answer where the teacher's last check left it
-                break
-            call = GuidanceCall(kind="verify", offset=len(answer), max_tokens=policy.tokens, draft=draft or None)
-            info.calls.append(call)
-            calls += 1
-            request = self._continuation(plan, plan.guidance, answer, policy.tokens).model_copy(
-                update={"draft": draft or None, "whole_words": False})
-            written = ""
-            async with aclosing(self._guidance(plan, request, info, call)) as guidance:
-                async for item in guidance:
-                    if isinstance(item, str):
-                        written += item
-            if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
-                verifying = False
-                if calls == 1:
-                    info.fallback = call.finish
-                else:
-                    info.partial, info.partial_reason = True, call.finish
-                state.kept += result.completion_tokens
-                delta, hit = show(draft, "student")
-                if delta is not None:
-                    yield delta
-                if stopped or hit:
-                    state.finish = "stop"
-                    break
-                continue
-            accepted = min(call.draft_accepted or 0, len(draft))
-            state.kept += kept_tokens(pieces, accepted)
-            call.offset, call.text = len(answer) + accepted, written
-            for text, source in ((draft[:accepted], "student"), (written, "teacher")):
-                if text and not hit:
-                    delta, hit = show(text, source)  # type: ignore[arg-type]
-                    if delta is not None:
-                        yield delta
-            if hit or call.finish == "stop" or (stopped and accepted == len(draft)):
-                state.finish = "stop"  # a stop sequence, the teacher's end, or a student end the teacher agreed to
-                break
-            if calls >= policy.max_calls or (call.cloud_ttft_s or 0.0) > policy.max_wait_s:
-                verifying = False
         if state.finish == "length" and (tail := guard.flush()):
             yield Delta(tail, "student")
+
+    async def _draft(self, plan: Plan, answer: str, n: int, info: GKTInfo, state: _Drafting,
+                     halt: threading.Event | None = None) -> _Draft:
+        """Up to ``n`` student tokens after ``answer`` (``halt`` ends it early: the tokens so far stand)."""
+        tokens = self.student.tokenize(plan.student_prefix + answer, special=plan.special)
+        params = GenerationParams(max_tokens=n, temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed,
+                                  stop=plan.stop)
+        draft = _Draft()
+        async with aclosing(self.student.stream(tokens, params, halt)) as gen:
+            async for item in gen:
+                if isinstance(item, GenerationResult):
+                    self._student_done(item, info)
+                    state.generated += item.completion_tokens
+                    draft.generated = item.completion_tokens
+                    draft.stopped = item.finish_reason == "stop"
+                else:
+                    draft.pieces.append((item.text, item.tokens))
+        return draft
+
+    async def _written(self, plan: Plan, request: GuidanceRequest, info: GKTInfo, call: GuidanceCall) -> str:
+        """What the teacher wrote in one guidance call (its frames collected; failures end up in ``call``)."""
+        written = ""
+        async with aclosing(self._guidance(plan, request, info, call)) as guidance:
+            async for item in guidance:
+                if isinstance(item, str):
+                    written += item
+        return written
 
     @staticmethod
     def _continuation(plan: Plan, request: GuidanceRequest, answer: str, max_tokens: int) -> GuidanceRequest:
@@ -653,6 +716,31 @@ class Pipeline:
         t.student_queue_s = (t.student_queue_s or 0.0) + result.queue_s
         t.student_prompt_s = (t.student_prompt_s or 0.0) + result.prompt_s
         t.student_generation_s = (t.student_generation_s or 0.0) + result.generation_s
+
+
+@dataclass
+class _Draft:
+    """Student text proposed for the teacher to check: its pieces (text, tokens) and how it ended."""
+
+    pieces: list[tuple[str, int]] = field(default_factory=list)
+    generated: int = 0  # tokens (a held-back partial stop included)
+    stopped: bool = False  # the student ended the answer (end of turn or a stop sequence)
+
+    @property
+    def text(self) -> str:
+        return "".join(text for text, _ in self.pieces)
+
+    def after(self, written: str) -> _Draft | None:
+        """This draft without its opening ``written`` (the teacher's token, which the student also wrote), or
+        None when it opens differently or the teacher's text ends inside one of its pieces."""
+        pos, i = 0, 0
+        while pos < len(written) and i < len(self.pieces):
+            pos += len(self.pieces[i][0])
+            i += 1
+        if pos != len(written) or not self.text.startswith(written):
+            return None
+        rest = self.pieces[i:]
+        return _Draft(rest, sum(n for _, n in rest), self.stopped)
 
 
 @dataclass

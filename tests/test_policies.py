@@ -203,3 +203,15 @@ def test_kept_tokens_counts_the_pieces_a_kept_prefix_uses() -> None:
     assert kept_tokens(pieces, 5) == 2  # the cut goes through " answer": its start is in the answer
     assert kept_tokens(pieces, 13) == 4  # " é" is one character from two tokens
     assert kept_tokens(pieces, 100) == 5
+
+
+def test_a_draft_written_ahead_is_used_only_where_the_teacher_s_token_opens_it() -> None:
+    from edge_agent.pipeline import _Draft
+
+    ahead = _Draft([(" 12", 2), (",", 1), (" 13", 2)], generated=5, stopped=True)
+    rest = ahead.after(" 12")
+    assert rest is not None and rest.text == ", 13" and rest.generated == 3 and rest.stopped
+    assert ahead.after("") is not None and ahead.after("").text == ahead.text  # type: ignore[union-attr]
+    assert ahead.after(" 1") is None  # the teacher's token ends inside a piece: the draft is dropped
+    assert ahead.after(" 14") is None and ahead.after(" 12, 13, 14") is None
+    assert ahead.after(" 12, 13").text == ""  # type: ignore[union-attr]
