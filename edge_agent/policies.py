@@ -16,7 +16,7 @@ parameters) and decides two things, from signals the edge sees anyway:
   have chosen itself (greedy), and writes ``tokens`` of its own from there. The answer is the teacher's own
   greedy answer (the same text, up to tokenizer seams), while the teacher writes only the tokens where the
   student was wrong: an error signal rather than the student's uncertainty. The cloud does the checking
-  (``GuidanceRequest.draft``); the llama.cpp teacher backend supports it.
+  (``GuidanceRequest.draft``): the llama.cpp teacher backend, or vLLM behind the openai backend.
 
 Everything here is pure (text and numbers in, decisions out), so the decisions are tested on scripted
 sequences (``tests/test_policies.py``); ``edge_agent/pipeline.py`` does the I/O.

@@ -132,7 +132,8 @@ def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corre
 
 
 def test_verify_with_a_teacher_that_cannot_check_drafts_still_answers(edge_upstream: Service) -> None:
-    """The OpenAI-upstream backend refuses drafts (400): the student answers alone, and says why (R4)."""
+    """An upstream that cannot verify drafts (llama_cpp.server: no /tokenize, no prompt_logprobs) makes the
+    cloud answer 400: the student answers alone, and says why (R4)."""
     r = httpx.post(edge_upstream.url + "/v1/chat/completions", headers=CLIENT_AUTH, timeout=TIMEOUT, json={
         "messages": COUNT, "max_tokens": 16, "guidance_policy": {"name": "verify", "draft_tokens": 4}})
     assert r.status_code == 200, r.text

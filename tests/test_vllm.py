@@ -118,3 +118,46 @@ def test_real_edge_is_guided_by_vllm(vllm_server: Service, edge_vllm: Service) -
     # The guidance is vLLM's own answer to the end of the word its 12th token is in: nothing added.
     assert ref["choices"][0]["message"]["content"].startswith(gkt["guidance"])
     assert gkt["cost"]["teacher"] > 0 and gkt["cost"]["teacher_only"] is not None
+
+
+def test_vllm_verifies_a_draft_with_prompt_logprobs(vllm_server: Service, cloud_vllm: Service) -> None:
+    """Draft verification on the vLLM backend (cloud_service/engines/openai_verify.py): the same verdicts as
+    on llama.cpp, read from vLLM's ranks of the draft's tokens."""
+    prompt = "The planets of the solar system, in order from the sun, are"
+    ids = httpx.post(f"{vllm_server.url}/tokenize", json={"model": SERVED, "prompt": prompt}).json()["tokens"]
+    ref = direct(vllm_server, "completions", {"prompt": ids, "max_tokens": 12, "logprobs": 0})
+    pieces = ref["choices"][0]["logprobs"]["tokens"]  # vLLM's own greedy tokens, as text
+    assert len(pieces) == 12 and "".join(pieces) == ref["choices"][0]["text"]
+
+    def verify(draft: str, k: int) -> dict:
+        r = httpx.post(cloud_vllm.url + "/v1/guidance", headers=AUTH, timeout=TIMEOUT, json={
+            "prompt": prompt, "draft": draft, "max_tokens": k, "temperature": 0, "stream": False})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    good = "".join(pieces[:6])
+    kept = verify(good, 2)
+    assert kept["draft_accepted"] == len(good) and kept["text"] == "".join(pieces[6:8])
+    assert kept["usage"]["draft_accepted_tokens"] == kept["usage"]["draft_tokens"] == 6
+    # Cut after the good part (where a word starts: text seams inside runs of newlines tokenize differently).
+    cut = verify(good + " zebra zebra", 2)
+    assert cut["draft_accepted"] == len(good) and cut["text"] == "".join(pieces[6:8]), (pieces, cut)
+    assert cut["usage"]["draft_accepted_tokens"] == 6 and cut["cost"]["input_tokens"] > cut["usage"]["prompt_tokens"]
+
+
+def test_a_vllm_teacher_checks_the_edge_s_drafts(vllm_server: Service, edge_vllm: Service) -> None:
+    body = {"messages": [{"role": "user", "content": "List the numbers from 1 to 40, separated by commas."}],
+            "max_tokens": 40, "temperature": 0}
+    alone = httpx.post(edge_vllm.url + "/v1/chat/completions", json={**body, "mode": "teacher"},
+                       headers=CLIENT_AUTH, timeout=TIMEOUT)
+    assert alone.status_code == 200, alone.text
+    r = httpx.post(edge_vllm.url + "/v1/chat/completions", json={
+        **body, "guidance_policy": {"name": "verify", "draft_tokens": 6, "max_wait_s": 600}},
+        headers=CLIENT_AUTH, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    text, gkt = r.json()["choices"][0]["message"]["content"], r.json()["gkt"]
+    assert gkt["fallback"] is None and not gkt["partial"] and len(gkt["calls"]) > 1
+    assert all(c["kind"] == "verify" and c["finish"] in ("length", "stop") for c in gkt["calls"])
+    teacher = alone.json()["choices"][0]["message"]["content"]
+    common = min(len(text), len(teacher)) - 8
+    assert common > 30 and text[:common] == teacher[:common], (text, teacher)

@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 
 from cloud_service.engine import Generation, Guarded, OnResult
+from cloud_service.engines.openai_verify import UpstreamVerifier
+from cloud_service.engines.upstream_errors import status_error
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
 from shared.words import WordEnd
-
-_MAX_UPSTREAM_MESSAGE = 500
 
 
 class OpenAITeacher:
@@ -34,6 +34,8 @@ class OpenAITeacher:
     def __init__(self, client: httpx.AsyncClient, model_name: str) -> None:
         self._client = client
         self.model_name = model_name
+        root = str(client.base_url).rstrip("/")
+        self._verifier = UpstreamVerifier(client, model_name, root.removesuffix("/v1"))
 
     @classmethod
     async def connect(cls, settings: CloudSettings) -> OpenAITeacher:
@@ -93,11 +95,8 @@ class OpenAITeacher:
         return "completions", body, None
 
     async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation:
-        if request.draft is not None:
-            # Verifying a draft needs the teacher's choice at every draft position in one pass; the OpenAI
-            # API offers that only through backend-specific extensions (vLLM's prompt_logprobs), not used yet.
-            raise GKTError(ErrorCode.invalid_request, "this cloud's teacher backend (openai) cannot verify "
-                           "drafts; the llama.cpp backend can", param="draft")
+        if request.draft is not None:  # vLLM's extensions (openai_verify.py)
+            return await self._verifier.open(request, on_result)
         path, body, cut = self._body(request)
         t0 = perf_counter()
         try:
@@ -111,7 +110,7 @@ class OpenAITeacher:
                 raw = await resp.aread()
             finally:
                 await resp.aclose()
-            raise _status_error(resp.status_code, raw, resp.headers.get("retry-after"))
+            raise status_error(resp.status_code, raw, resp.headers.get("retry-after"))
         word_end = WordEnd(request.max_tokens) if request.whole_words else None
         stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, word_end=word_end,
                               on_result=on_result)
@@ -200,23 +199,3 @@ def _json(data: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent a malformed event")
     return obj
-
-
-def _status_error(status: int, raw: bytes, retry_after: str | None) -> GKTError:
-    """Map by status: the client's fault (4xx) keeps the upstream's message; server faults stay generic."""
-    if status in (429, 503):
-        try:
-            wait = float(retry_after) if retry_after else 1.0
-        except ValueError:
-            wait = 1.0
-        return GKTError(ErrorCode.overloaded, "the teacher upstream is busy; try again shortly", retry_after=wait)
-    if status in (400, 413, 422):
-        message = "the teacher upstream rejected the request"
-        try:
-            detail = json.loads(raw).get("error", {})
-            if isinstance(detail, dict) and isinstance(detail.get("message"), str):
-                message = f"{message}: {detail['message'][:_MAX_UPSTREAM_MESSAGE]}"
-        except (ValueError, AttributeError):
-            pass
-        return GKTError(ErrorCode.upstream_rejected, message)
-    return GKTError(ErrorCode.upstream_error, f"the teacher upstream answered HTTP {status}")
