@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--waiting", type=int, default=2, help="cloud queue length")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--capacity-s", type=float, default=20.0)
-    p.add_argument("--load-s", type=float, default=60.0)
+    p.add_argument("--load-s", type=float, default=60.0, help="seconds of overload (0: no L1, only the soak)")
     p.add_argument("--factor", type=float, default=3.0)
     p.add_argument("--cycles", type=int, default=300, help="soak cycles (0: no soak)")
     p.add_argument("--out", type=Path, default=Path("load-results.json"))
@@ -59,8 +59,9 @@ def main() -> int:
         edge.wait_ready()
         target = Target(cloud.url, auth, max_tokens=args.max_tokens)
         results: dict = {"settings": vars(args) | {"out": str(args.out)}, "logs": str(logs)}
-        results["l1"] = asyncio.run(l1(target, {"cloud": cloud}, args.slots, args.capacity_s,
-                                       args.load_s, args.factor))
+        if args.load_s > 0:
+            results["l1"] = asyncio.run(l1(target, {"cloud": cloud}, args.slots, args.capacity_s,
+                                           args.load_s, args.factor))
         if args.cycles:
             results["soak"] = asyncio.run(soak(edge.url, auth, args.cycles,
                                                {"cloud": cloud, "edge": edge},
@@ -70,9 +71,22 @@ def main() -> int:
     finally:
         edge.stop()
         cloud.stop()
-    r = results["l1"]
-    cap, over = r["capacity"], r["overload"]
     print(json.dumps(results, indent=1))
+    if "l1" in results:
+        print_l1(results["l1"], args)
+    if "soak" in results:
+        s = results["soak"]
+        print(f"soak: {s['cycles']} cycles {s['phases']} in {s['seconds']}s, then status {s['after_status']}; "
+              f"RSS slope kB per 1000 cycles {s['rss_slope_kb_per_1000_cycles']} "
+              f"(second half {s['rss_slope_second_half']})")
+        for name, res in s["resources"]["baseline"].items():
+            print(f"  {name}: baseline {res} -> settled {s['resources']['settled'][name]}")
+    args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_l1(r: dict, args: argparse.Namespace) -> None:
+    cap, over = r["capacity"], r["overload"]
     print(f"\nL1: capacity {cap['answered_per_s']}/s at {args.slots} slots; offered {over['offered_per_s']}/s "
           f"({args.factor}x) for {args.load_s:.0f}s: sent {over['sent']}, answered {over['answered']}, "
           f"refused {over['refused']}, lost {over['lost']}; goodput {over['goodput_per_s']}/s = "
@@ -81,14 +95,6 @@ def main() -> int:
     for name, res in r["resources"]["baseline"].items():
         print(f"  {name}: baseline {res} -> after load {r['resources']['after_load'][name]} "
               f"-> settled {r['resources']['settled'][name]}")
-    if "soak" in results:
-        s = results["soak"]
-        print(f"soak: {s['cycles']} cycles {s['phases']} in {s['seconds']}s, then status {s['after_status']}; "
-              f"RSS slope kB per 1000 cycles {s['rss_slope_kb_per_1000_cycles']}")
-        for name, res in s["resources"]["baseline"].items():
-            print(f"  {name}: baseline {res} -> settled {s['resources']['settled'][name]}")
-    args.out.write_text(json.dumps(results, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -256,7 +256,11 @@ async def soak(url: str, headers: dict[str, str], cycles: int, services: dict[st
     return {"cycles": cycles, "warm_up_cycles": warm, "phases": dict(phases), "seconds": round(took, 2),
             "after_status": r.status_code,
             "resources": {"baseline": baseline, "settled": settled},
-            "rss_slope_kb_per_1000_cycles": {name: rss_slope(xs) for name, xs in samples.items()}}
+            "rss_slope_kb_per_1000_cycles": {name: rss_slope(xs) for name, xs in samples.items()},
+            # Growth that levels off (allocator arenas, caches reaching their size) has a flat second half;
+            # a leak keeps its slope.
+            "rss_slope_second_half": {name: rss_slope(xs[len(xs) // 2:]) for name, xs in samples.items()},
+            "rss_kb_samples": samples}
 
 
 def _is_error(event: dict[str, Any]) -> bool:
