@@ -46,6 +46,11 @@ class CloudMetrics:
                              buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gkt_cloud_prompt_tokens_total", "Teacher prompt tokens.", registry=r)
         self.guidance_tokens = Counter("gkt_cloud_guidance_tokens_total", "Guidance tokens written.", registry=r)
+        self.draft_tokens = Counter("gkt_cloud_draft_tokens_total", "Draft tokens verified (the verify policy), "
+                                    "by verdict: kept (the teacher would have written them) or cut.",
+                                    ["verdict"], registry=r)
+        for verdict in ("kept", "cut"):
+            self.draft_tokens.labels(verdict)
 
     def bind_queue(self, waiting: Callable[[], float]) -> None:
         self.queued.set_function(waiting)
@@ -91,6 +96,9 @@ class CloudMetrics:
         self.generation.observe(r.generation_s)
         self.prompt_tokens.inc(r.prompt_tokens)
         self.guidance_tokens.inc(r.completion_tokens)
+        if r.draft_tokens:
+            self.draft_tokens.labels("kept").inc(r.draft_accepted_tokens)
+            self.draft_tokens.labels("cut").inc(r.draft_tokens - r.draft_accepted_tokens)
         if r.completion_tokens > 1 and r.generation_s > 0:
             self.tps.observe((r.completion_tokens - 1) / r.generation_s)
 

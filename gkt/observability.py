@@ -155,6 +155,10 @@ def dashboards() -> list[Dashboard]:
               [(_rate("gkt_cloud_admission_refusals_total", "reason"), "{{reason}}")], "reqps"),
         Panel("Guidance cache", "Lookups by result (deterministic requests only).",
               [(_rate("gkt_cloud_cache_lookups_total", "result"), "{{result}}")], "reqps"),
+        Panel("Draft acceptance", "Share of the student drafts' tokens the teacher kept (verify policy): the "
+              "higher, the less the teacher writes.",
+              [(f'sum(rate(gkt_cloud_draft_tokens_total{{verdict="kept"}}[{W}])) / '
+                f"sum(rate(gkt_cloud_draft_tokens_total[{W}]))", "kept")], "percentunit"),
         Panel("Teacher cost", "Cost of guidance per second, priced by the cloud's ledger.",
               [(f"sum(rate(gkt_cloud_cost_dollars_total[{W}]))", "teacher")], "currencyUSD"),
     ])
