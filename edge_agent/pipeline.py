@@ -492,49 +492,48 @@ class Pipeline:
                                                         info, state, halt))
             try:
                 written = await check
-            except BaseException:  # closed or cancelled while waiting: neither task outlives the answer
-                check.cancel()
-                halt.set()
-                if nxt is not None:
-                    nxt.cancel()
-                raise
-            if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
-                if calls == 1:
-                    info.fallback = call.finish
-                else:
-                    info.partial, info.partial_reason = True, call.finish
-                if nxt is not None:
-                    ahead = await nxt  # written after this draft: it goes out too
-                state.kept += draft.generated
-                delta, hit = show(draft.text, "student")
-                if delta is not None:
-                    yield delta
-                if draft.stopped or hit:
-                    state.finish = "stop"
-                    return
-                break
-            accepted = min(call.draft_accepted or 0, len(draft.text))
-            whole = accepted == len(draft.text)
-            if nxt is not None:
-                if not whole:
-                    halt.set()  # the student wrote on from text the teacher did not keep
-                ahead = (await nxt).after(written) if whole else None
-            state.kept += kept_tokens(draft.pieces, accepted)
-            call.offset, call.text = len(answer) + accepted, written
-            hit = False
-            for text, source in ((draft.text[:accepted], "student"), (written, "teacher")):
-                if text and not hit:
-                    delta, hit = show(text, source)  # type: ignore[arg-type]
+                if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
+                    if calls == 1:
+                        info.fallback = call.finish
+                    else:
+                        info.partial, info.partial_reason = True, call.finish
+                    if nxt is not None:
+                        ahead = await nxt  # written after this draft: it goes out too
+                    state.kept += draft.generated
+                    delta, hit = show(draft.text, "student")
                     if delta is not None:
                         yield delta
-            if hit or call.finish == "stop" or (draft.stopped and whole):
-                state.finish = "stop"  # a stop sequence, the teacher's end, or a student end the teacher agreed to
-                return
-            if ahead is not None and ahead.stopped and not ahead.text:
-                state.finish = "stop"  # the student stops right after the teacher's token, which it also wrote
-                return
-            if (call.cloud_ttft_s or 0.0) > policy.max_wait_s:
-                break
+                    if draft.stopped or hit:
+                        state.finish = "stop"
+                        return
+                    break
+                accepted = min(call.draft_accepted or 0, len(draft.text))
+                whole = accepted == len(draft.text)
+                if nxt is not None:
+                    if not whole:
+                        halt.set()  # the student wrote on from text the teacher did not keep
+                    ahead = (await nxt).after(written) if whole else None
+                state.kept += kept_tokens(draft.pieces, accepted)
+                call.offset, call.text = len(answer) + accepted, written
+                hit = False
+                for text, source in ((draft.text[:accepted], "student"), (written, "teacher")):
+                    if text and not hit:
+                        delta, hit = show(text, source)  # type: ignore[arg-type]
+                        if delta is not None:
+                            yield delta
+                if hit or call.finish == "stop" or (draft.stopped and whole):
+                    state.finish = "stop"  # a stop sequence, the teacher's end, or a student end the teacher agreed to
+                    return
+                if ahead is not None and ahead.stopped and not ahead.text:
+                    state.finish = "stop"  # the student stops right after the teacher's token, which it also wrote
+                    return
+                if (call.cloud_ttft_s or 0.0) > policy.max_wait_s:
+                    break
+            finally:  # however this round ended (also closed or cancelled): neither task outlives it
+                check.cancel()
+                if nxt is not None and not nxt.done():
+                    halt.set()
+                    nxt.cancel()
         if state.finish == "stop":
             return
         # No more checking (budget, a slow or failed cloud): the student's text goes out as it comes.

@@ -9,12 +9,13 @@ with greedy decoding the answer is the teacher's own answer, while the teacher w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 
 from gkt.launcher import Service
-from tests.conftest import AUTH, CLIENT_AUTH
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, ONE_THREAD, run_pair
 from tests.test_guidance_policies_e2e import COUNT, cloud_usage, metric, stream_answer
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -151,3 +152,40 @@ def test_bad_drafts_get_a_400(cloud: Service, draft: str) -> None:
                    json={"prompt": PROMPT, "draft": draft, "stream": False})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "draft"
+
+
+def test_a_cloud_lost_mid_answer_leaves_the_student_to_finish(logs: Path) -> None:
+    """R5 under verify: the cloud dies (SIGKILL) after the first checked draft reached the user; the next
+    check fails, the student finishes the answer alone from the text so far, marked partial; nothing is lost."""
+    env = {**ONE_THREAD, **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS, "GKT_CLOUD_MODEL": "smollm2-135m-instruct",
+           "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_CTX": "1024", "GKT_EDGE_N_CTX": "1024"}
+    pair = run_pair(logs / "verify-lost", env)
+    cloud, edge = next(pair)
+    try:
+        deltas, gkt = [], None
+        body = {"messages": COUNT, "max_tokens": 60, "stream": True,
+                "guidance_policy": {"name": "verify", "draft_tokens": 4, "max_wait_s": 600}}
+        with httpx.stream("POST", edge.url + "/v1/chat/completions", json=body, headers=CLIENT_AUTH,
+                          timeout=TIMEOUT) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    if choice["delta"].get("content"):
+                        deltas.append(choice["delta"]["content"])
+                        if cloud.proc is not None and cloud.proc.poll() is None:
+                            cloud.proc.kill()  # the first checked text is out: the cloud goes away
+                    if choice.get("finish_reason"):
+                        gkt = chunk["gkt"]
+        assert gkt is not None
+        calls = gkt["calls"]
+        assert gkt["partial"] and gkt["fallback"] is None and gkt["partial_reason"] == calls[-1]["finish"]
+        assert calls[0]["finish"] in ("length", "stop") and calls[-1]["finish"] not in ("length", "stop")
+        text = "".join(deltas)
+        # The student went on past what the teacher had checked: the answer is complete, not cut off.
+        checked = max(c["offset"] + len(c["text"]) for c in calls if c["finish"] in ("length", "stop"))
+        assert len(text) > checked and gkt["usage"]["student_tokens"] > 0
+    finally:
+        pair.close()
