@@ -25,7 +25,9 @@ def test_policy_specs_parse_to_canonical_configs_and_request_bodies() -> None:
     assert parse_policy("reguide:tokens=8:k=10:threshold=-2.5") == ("reguide:threshold=-2.5:tokens=8", 10)
     assert parse_policy("adaptive:min_tokens=24") == ("adaptive:min_tokens=24", None)
     assert policy_body("reguide:threshold=-2.5:tokens=8") == {"name": "reguide", "threshold": -2.5, "tokens": 8}
-    for bad in ("fixed", "nope", "reguide:tokens=0", "reguide:tokens", "adaptive:k=5", "reguide:span=x"):
+    assert parse_policy("verify:draft_tokens=4") == ("verify:draft_tokens=4", None)
+    for bad in ("fixed", "nope", "reguide:tokens=0", "reguide:tokens", "adaptive:k=5", "reguide:span=x",
+                "verify:k=4", "verify:draft_tokens=0"):
         with pytest.raises(ValueError):
             parse_policy(bad)
 

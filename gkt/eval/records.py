@@ -31,7 +31,8 @@ REGUIDE_K = 20
 def parse_policy(spec: str) -> tuple[str, int | None]:
     """``NAME[:PARAM=VALUE...]`` -> (canonical spec without k, k). ``k`` is the first guidance's length
     (``guidance_tokens``); other parameters are the policy's own, checked against the edge's models.
-    ``reguide`` without k uses ``REGUIDE_K``; ``adaptive`` takes no k (it has ``min_tokens``/``max_tokens``);
+    ``reguide`` without k uses ``REGUIDE_K``; ``adaptive`` takes no k (it has ``min_tokens``/``max_tokens``), nor
+    does ``verify`` (the student drafts from the start);
     ``fixed`` is what ``--k`` runs."""
     from pydantic import TypeAdapter, ValidationError
 
@@ -63,6 +64,8 @@ def parse_policy(spec: str) -> tuple[str, int | None]:
         raise ValueError(f"policy {spec!r}: {err.errors()[0]['msg']} ({err.errors()[0]['loc']})") from None
     if name == "adaptive" and k is not None:
         raise ValueError("adaptive takes no k: give min_tokens and max_tokens")
+    if name == "verify" and k is not None:
+        raise ValueError("verify takes no k: the student drafts from the start (give draft_tokens)")
     if name == "reguide" and k is None:
         k = REGUIDE_K
     if k is not None and k < 1:
