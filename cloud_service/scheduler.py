@@ -299,7 +299,8 @@ class BatchScheduler:
         return chain
 
     def _step(self) -> None:
-        rows: list[tuple[_Seq, int, int, bool]] = []  # (sequence, first batch row, tokens fed, samples after)
+        # (sequence, its first batch row, its first position, tokens fed, samples after this step)
+        rows: list[tuple[_Seq, int, int, int, bool]] = []
         b = self._batch
         n = 0
 
@@ -311,7 +312,7 @@ class BatchScheduler:
 
         for seq in self._active:
             if seq.generating:
-                rows.append((seq, n, 1, True))
+                rows.append((seq, n, seq.n_past, 1, True))
                 add(seq.next_token, seq.n_past, seq.slot, True)
         for seq in self._active:
             room = self.n_batch - n
@@ -319,7 +320,7 @@ class BatchScheduler:
                 break
             if not seq.generating:
                 take = min(room, len(seq.tokens) - seq.n_past)
-                rows.append((seq, n, take, seq.n_past + take == len(seq.tokens)))
+                rows.append((seq, n, seq.n_past, take, seq.n_past + take == len(seq.tokens)))
                 judge_from = seq.base - 1 if seq.draft else len(seq.tokens) - 1  # rows whose logits are read
                 for i in range(take):
                     pos = seq.n_past + i
@@ -331,20 +332,18 @@ class BatchScheduler:
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         prompt_fed = 0
-        fed_from: dict[int, int] = {}  # id(sequence) -> its first position in this step (prompt chunks)
-        for seq, _, fed, _ in rows:
+        for seq, _, _, fed, _ in rows:
             if seq.generating:
                 self._slot_tokens[seq.slot].append(seq.next_token)
             else:
-                fed_from[id(seq)] = seq.n_past
                 self._slot_tokens[seq.slot].extend(seq.tokens[seq.n_past : seq.n_past + fed])
                 prompt_fed += fed
             seq.n_past += fed
             seq.engine_s += dt * fed / n
         sampled = 0
-        for seq, row, fed, samples in rows:
-            if seq.draft and seq.accepted_text is None and id(seq) in fed_from:
-                if self._judge(seq, row, fed_from[id(seq)], fed):
+        for seq, row, pos0, fed, samples in rows:
+            if seq.draft and seq.accepted_text is None:  # a draft not judged yet: its rows are a prompt chunk
+                if self._judge(seq, row, pos0, fed):
                     sampled += 1  # the teacher's own token replaced a draft token
                     continue
             if samples:

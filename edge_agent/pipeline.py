@@ -477,7 +477,7 @@ class Pipeline:
                 draft = await self._draft(plan, answer, min(policy.draft_tokens, left), info, state)
             if draft.stopped and not draft.text:
                 state.finish = "stop"  # the student ends the answer where the teacher's last check left it
-                break
+                return
             call = GuidanceCall(kind="verify", offset=len(answer), max_tokens=policy.tokens, draft=draft.text)
             info.calls.append(call)
             calls += 1
@@ -534,8 +534,6 @@ class Pipeline:
                 if nxt is not None and not nxt.done():
                     halt.set()
                     nxt.cancel()
-        if state.finish == "stop":
-            return
         # No more checking (budget, a slow or failed cloud): the student's text goes out as it comes.
         if ahead is not None:
             state.kept += ahead.generated

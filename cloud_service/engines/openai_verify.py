@@ -46,10 +46,10 @@ class UpstreamVerifier:
         prompt = await self._prompt_tokens(request)
         draft = await self._tokenize({"prompt": request.draft, "add_special_tokens": False})
         sampling = self._sampling(request)
-        answer = await self._post("completions", sampling | {"prompt": prompt + draft, "prompt_logprobs": 1})
+        answer = await self._send("completions", sampling | {"prompt": prompt + draft, "prompt_logprobs": 1})
         kept, kept_text = await self._kept(request.draft, prompt, draft, _choice(answer))
         if kept < len(draft):  # the teacher writes from the kept part on
-            answer = await self._post("completions", sampling | {"prompt": prompt + draft[:kept]})
+            answer = await self._send("completions", sampling | {"prompt": prompt + draft[:kept]})
         choice = _choice(answer)
         text = str(choice.get("text") or "")
         completion = int((answer.get("usage") or {}).get("completion_tokens") or (1 if text else 0))
@@ -106,9 +106,6 @@ class UpstreamVerifier:
         if request.stop:
             body["stop"] = request.stop
         return body
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._send(path, body)
 
     async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
