@@ -72,8 +72,12 @@ def diff(after: dict, before: dict) -> dict:
 
 
 def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -> None:
-    body = {"messages": [{"role": "user", "content": "Explain in two sentences why the sky is blue."}],
-            "guidance_tokens": 12, "max_tokens": 60, "temperature": 0.7}  # sampled: never a cache hit
+    # Sampled (never a cache hit), and long enough that the teacher's 12 tokens cannot be the whole answer: a
+    # two-sentence request once ended inside the guidance ("The sky is blue because of the reflection of
+    # sunlight."), and with no student work there is no student cost to check.
+    body = {"messages": [{"role": "user", "content": "Write a paragraph of at least six sentences on why the "
+                                                     "sky is blue."}],
+            "guidance_tokens": 12, "max_tokens": 60, "temperature": 0.7}
     before = usage(cloud)
     r = httpx.post(edge.url + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
