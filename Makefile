@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_MODEL ?= smollm2-135m-instruct
 VLLM_MIN_GIB ?= 8
 
-.PHONY: help setup system-deps models run testbed test lint bench eval clean vllm-setup vllm-if-memory test-vllm
+.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -20,6 +20,7 @@ help:
 	@echo "make testbed cloud + edge + Prometheus as local processes (no Docker needed)"
 	@echo "make bench  benchmarks on the default models: ratios against targets, JSON in bench-results.json"
 	@echo "make eval   accuracy/speed/cost of teacher, student and gkt: make eval EVAL_TASK=csqa EVAL_DATA=path N=50"
+	@echo "make bench-vllm  the batching lines with gkt's cloud in front of vLLM on this CPU (sets vLLM up)"
 	@echo "make vllm-setup  vLLM on CPU in .venv-vllm plus a converted model (make test does this when memory allows)"
 	@echo "make test-vllm   only the vLLM tier"
 
@@ -86,12 +87,19 @@ vllm-if-memory:
 test: models system-deps lint vllm-if-memory
 	$(PY) -m pytest
 
-# Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for vLLM.
-# Then the cloud's batching benchmarks (llama.cpp scheduler vs raw batched decode; vLLM when set up).
+# Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for a remote
+# vLLM. With vLLM set up for the teacher (make bench-vllm does it), also gkt's cloud in front of vLLM on this CPU.
+# Then the cloud's batching benchmark at more sizes (llama.cpp scheduler vs raw batched decode).
+BENCH_VLLM_MODEL ?= qwen2.5-coder-1.5b-instruct
 bench: models
-	$(PY) -m gkt bench $(BENCH_ARGS)
+	$(PY) -m gkt bench $(BENCH_ARGS) $$([ -x $(VLLM_PY) ] && [ -f .cache/vllm/models/$(BENCH_VLLM_MODEL)/config.json ] \
+		&& echo --vllm-local $(BENCH_VLLM_MODEL))
 	$(PY) benchmarks/batching.py
-	$(PY) benchmarks/vllm_concurrency.py
+
+# Only the batching lines, vLLM included (sets vLLM up for the teacher first: about 9 GiB of memory).
+bench-vllm: models
+	$(MAKE) vllm-setup VLLM_MODEL=$(BENCH_VLLM_MODEL)
+	$(PY) -m gkt bench --sections batching --vllm-local $(BENCH_VLLM_MODEL) --out bench-vllm-results.json $(BENCH_ARGS)
 
 # `gkt eval` on a dataset file (see docs/RESULTS.md); resumable: rerunning continues where it stopped.
 EVAL_TASK ?= gsm8k

@@ -8,6 +8,9 @@ tests then skip with the reason (never silently pass).
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +164,21 @@ def test_a_vllm_teacher_checks_the_edge_s_drafts(vllm_server: Service, edge_vllm
     teacher = alone.json()["choices"][0]["message"]["content"]
     common = min(len(text), len(teacher)) - 8
     assert common > 30 and text[:common] == teacher[:common], (text, teacher)
+
+
+def test_bench_measures_gkt_in_front_of_vllm(vllm_server: Service, tmp_path: Path) -> None:
+    """`gkt bench --vllm-url`: the vLLM lines of issue 7 run against the real server, each figure the ratio of
+    the aggregates it reports, with the speed-up over one request at a time (no speed is asserted)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "gkt", "bench", "--quick", "--sections", "batching", "--out", str(out),
+                           "--vllm-url", f"{vllm_server.url}/v1", "--vllm-model", SERVED,
+                           "--logs", str(tmp_path / "logs")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = {r["name"]: r for r in json.loads(out.read_text())["results"] if "vLLM" in r["name"]}
+    assert sorted(lines) == ["cloud batching vLLM, 1 concurrent (via gkt / direct)",
+                             "cloud batching vLLM, 2 concurrent (via gkt / direct)"]
+    for r in lines.values():
+        m = r["measured"]
+        assert m["gkt_agg_tok_s"] > 0 and m["vllm_agg_tok_s"] > 0
+        assert r["value"] == pytest.approx(m["gkt_agg_tok_s"] / m["vllm_agg_tok_s"])
+    assert lines["cloud batching vLLM, 1 concurrent (via gkt / direct)"]["measured"]["gkt_vs_one_at_a_time"] == 1

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-url", default=os.environ.get("GKT_BENCH_VLLM_URL"),
                    help="an OpenAI-compatible vLLM base URL (…/v1): also measure gkt's cloud in front of it")
     p.add_argument("--vllm-model", help="model name at the vLLM server (default: its first)")
+    p.add_argument("--vllm-local", metavar="MODEL",
+                   help="start vLLM on this CPU for a model converted by `make vllm-setup VLLM_MODEL=MODEL` "
+                        "and measure gkt's cloud in front of it")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
                    help="run only these groups of measurements (default: all)")
     p.add_argument("--data", type=Path, default=os.environ.get("GKT_BENCH_DATA"),
@@ -39,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def config(args: argparse.Namespace) -> BenchConfig:
     kw = {k: v for k, v in {"teacher": args.teacher, "student": args.student, "rounds": args.rounds,
                             "questions": args.questions, "vllm_url": args.vllm_url,
-                            "vllm_model": args.vllm_model, "data": args.data}.items() if v is not None}
+                            "vllm_model": args.vllm_model, "vllm_local": args.vllm_local,
+                            "data": args.data}.items() if v is not None}
     kw |= {"pin": not args.no_pin, "log_dir": args.logs, "sections": tuple(args.sections)}
     return BenchConfig.quick(**kw) if args.quick else BenchConfig(**kw)
 
