@@ -40,9 +40,10 @@ def missing() -> str | None:
     return None
 
 
-def vllm_service(port: int, model: str, served_name: str, *, max_model_len: int = 2048,
+def vllm_service(port: int, model: str, served_name: str, *, max_model_len: int = 2048, cores: str = "auto",
                  log_path: Path | None = None) -> Service:
-    """A vLLM server for a converted model; ready when ``/v1/models`` answers."""
+    """A vLLM server for a converted model; ready when ``/v1/models`` answers. ``cores``: the CPU ids its
+    model runs on (``VLLM_CPU_OMP_THREADS_BIND``: "0", "0-3"), or "auto" (vLLM's choice)."""
     path = model_dir(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a converted model: run `make vllm-setup VLLM_MODEL={model}`")
@@ -52,6 +53,6 @@ def vllm_service(port: int, model: str, served_name: str, *, max_model_len: int 
     env = {
         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CACHE_ROOT": str(VLLM_CACHE / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(VLLM_CACHE / "inductor"),
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_OMP_THREADS_BIND": cores,
     }
     return Service("vllm", argv, port, env=env, ready_path="/v1/models", log_path=log_path)

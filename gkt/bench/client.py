@@ -98,20 +98,25 @@ async def cloud_guidance(http: httpx.AsyncClient, url: str, body: dict[str, Any]
 
 
 async def openai_completion(http: httpx.AsyncClient, base_url: str, body: dict[str, Any]) -> Stream:
-    """Stream a text completion from any OpenAI-compatible server (vLLM), one token per chunk."""
+    """Stream a text completion from any OpenAI-compatible server (vLLM); ``tokens`` = completion tokens
+    from the usage chunk (the count of text chunks where the server sends none)."""
     s = Stream(perf_counter())
     dec = SSEDecoder()
-    async with http.stream("POST", base_url + "/completions", json={**body, "stream": True},
-                           timeout=TIMEOUT) as r:
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    usage: dict[str, Any] = {}
+    async with http.stream("POST", base_url + "/completions", json=body, timeout=TIMEOUT) as r:
         if r.status_code != 200:
             raise RuntimeError(f"upstream answered {r.status_code}: {(await r.aread()).decode()[:300]}")
         async for chunk in r.aiter_bytes():
             for data in dec.feed(chunk):
                 if data == "[DONE]":
                     continue
-                for choice in json.loads(data).get("choices", []):
+                obj = json.loads(data)
+                usage = obj.get("usage") or usage
+                for choice in obj.get("choices", []):
                     if text := choice.get("text"):
                         _mark(s, text)
                         s.tokens += 1
     s.t_end = perf_counter()
+    s.tokens = int(usage.get("completion_tokens") or s.tokens)
     return s
