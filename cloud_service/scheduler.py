@@ -43,6 +43,8 @@ from shared.words import WordEnd
 
 log = logging.getLogger("gkt.scheduler")
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
+
 Emit = Callable[[Piece | GenerationResult | BaseException], None]
 OnResult = Callable[[GenerationResult], None]
 
@@ -120,6 +122,7 @@ class BatchScheduler:
         n_ctx: int,
         n_batch: int,
         n_threads: int,
+        flash_attn: str = "off",
         detokenize: Callable[[int], bytes],
         is_eog: Callable[[int], bool],
         name: str = "teacher",
@@ -138,6 +141,7 @@ class BatchScheduler:
         params.n_seq_max = slots
         params.kv_unified = False  # each sequence attends only to its own cache stream
         params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
         params.no_perf = True
         # The model weights are shared with the high-level Llama object that tokenizes (same llama_model).
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)

@@ -25,6 +25,11 @@ class CloudSettings(BaseSettings):
     n_ctx: int = Field(4096, ge=256, le=131072, description="llama_cpp: context size in tokens.")
     n_threads: int = Field(1, ge=1, le=256, description="llama_cpp: threads for prompt and generation.")
     n_batch: int = Field(512, ge=16, le=8192, description="llama_cpp: prompt batch size.")
+    flash_attn: Literal["off", "on", "auto"] = Field(
+        "off",
+        description="llama_cpp: flash attention in the batched context. Off, as llama-cpp-python's Llama and the "
+        "edge: on this CPU, auto (which turns it on) decoded one sequence about 10 % slower (docs/BENCHMARKS.md).",
+    )
     max_in_flight: int = Field(
         8, ge=1, le=256,
         description="Guidance sequences generated at once: llama_cpp batch slots (each with its own n_ctx KV "

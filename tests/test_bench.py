@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from gkt.bench.report import Line, median, memory_bandwidth_gbs, ratio, render, tokens_per_second, write_json
+from gkt.bench.suite import process_cpu_s
 
 
 def test_ratio_and_median() -> None:
@@ -44,6 +46,20 @@ def test_render_and_json(tmp_path: Path) -> None:
     assert data["results"][0]["measured"]["direct_tok_s"] == 20.0
 
 
+def test_process_cpu_seconds_count_every_thread() -> None:
+    code = "import threading\nfor _ in range(2): threading.Thread(target=lambda: sum(range(3 * 10**7))).start()"
+    proc = subprocess.Popen([sys.executable, "-c", code + "\nimport time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 60
+        while (used := process_cpu_s(proc.pid) or 0.0) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert used >= 0.5  # the work of its two threads, not of the main thread (asleep)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_cpu_s(proc.pid) is None and process_cpu_s(None) is None
+
+
 def test_memory_bandwidth_is_measured() -> None:
     assert memory_bandwidth_gbs(size_mib=16, repeats=2) > 0
 
@@ -67,6 +83,8 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
           for r in data["results"]}
     edge = by["edge overhead"]
     assert edge["value"] == pytest.approx(edge["measured"]["http_tok_s"] / edge["measured"]["direct_tok_s"])
+    for side in ("edge overhead", "cloud overhead"):  # the services' CPU per token, read from /proc
+        assert by[side]["measured"]["cpu_s_per_token_direct_vs_http"] > 0
     work = next(r for r in data["results"] if r["name"].startswith("cloud work per answer"))
     assert work["value"] == pytest.approx(work["measured"]["gkt_teacher_s"] / work["measured"]["teacher_only_s"])
     for r in data["results"]:

@@ -43,7 +43,8 @@ class LlamaTeacher:
         text = LlamaText(llm, settings.model, settings.n_ctx)
         scheduler = BatchScheduler(
             llm, slots=settings.max_in_flight, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-            n_threads=settings.n_threads, detokenize=text.piece, is_eog=text.is_eog, name=settings.model,
+            n_threads=settings.n_threads, flash_attn=settings.flash_attn, detokenize=text.piece, is_eog=text.is_eog,
+            name=settings.model,
         )
         return cls(llm, text, scheduler, settings.model)
 

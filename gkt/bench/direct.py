@@ -65,6 +65,7 @@ class RawBatch:
         params.n_batch = params.n_ubatch = max(512, max_seqs * n_ctx_per_seq // 4)
         params.n_seq_max = max_seqs
         params.n_threads = params.n_threads_batch = n_threads
+        params.flash_attn_type = 0  # off, as the cloud's batched context by default (GKT_CLOUD_FLASH_ATTN)
         self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self.ctx:
             raise RuntimeError("llama_init_from_model failed")

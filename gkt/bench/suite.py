@@ -13,6 +13,7 @@ import itertools
 import os
 import shutil
 import statistics
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,8 +186,13 @@ class Bench:
             self.add(Line(f"prefix reuse ({side})", ratio(warm, vals[0]), 0.15, "<=",
                           measured={"cold_prompt_s": vals[0], "warm_prompt_s_median": warm, "requests": n}))
 
-    async def overhead(self, side: str, llm: Any, core: int | None, url: str) -> tuple[float | None, int]:
-        """Decode tokens/s through the service vs the same model called directly, interleaved rounds."""
+    async def overhead(self, side: str, llm: Any, core: int | None, url: str,
+                       pid: int | None = None) -> tuple[float | None, int]:
+        """Decode tokens/s through the service vs the same model called directly, interleaved rounds.
+
+        Also the CPU seconds per token on each side (the service process's, every thread, from ``/proc``; the
+        bench thread's for the direct call): a reading that other machines' load on this host does not move,
+        since time taken from the core is not CPU time of either side."""
         cfg = self.cfg
         text = self.prompt(0)
         tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
@@ -201,13 +207,25 @@ class Bench:
         with pinned(core):
             direct.decode_speed(llm, tokens, cfg.decode_tokens)  # warm: prompt in the cache on both sides
         await via_http()
-        served, raw, engine, pairs, n_tok = [], [], [], [], 0
-        for _ in range(cfg.rounds):
+        served, raw, engine, pairs, cpu, n_tok = [], [], [], [], [], 0
+        for i in range(cfg.rounds):
             # Paired rounds: this machine's speed drifts by 10 % within minutes, so each round's ratio is
-            # taken back to back and the figure is the median of those ratios.
+            # taken back to back (in alternating order) and the figure is the median of those ratios.
+            if i % 2:
+                with pinned(core):
+                    t0 = time.thread_time()
+                    tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
+                    direct_cpu = time.thread_time() - t0
+            c0 = process_cpu_s(pid)
             stream = await via_http()
-            with pinned(core):
-                tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
+            c1 = process_cpu_s(pid)
+            if not i % 2:
+                with pinned(core):
+                    t0 = time.thread_time()
+                    tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
+                    direct_cpu = time.thread_time() - t0
+            if c0 is not None and c1 is not None and n_tok and stream.tokens:
+                cpu.append(ratio(direct_cpu / n_tok, (c1 - c0) / stream.tokens))
             served.append(stream.tok_s)
             raw.append(tps)
             pairs.append(ratio(stream.tok_s, tps))
@@ -219,6 +237,8 @@ class Bench:
             "cloud overhead (guidance tok/s via HTTP / direct)"
         measured: dict[str, Any] = {"http_tok_s": s, "direct_tok_s": r, "tokens": n_tok, "rounds": cfg.rounds,
                                     "paired_ratios": [round(x, 3) for x in pairs if x is not None]}
+        if cpu:
+            measured["cpu_s_per_token_direct_vs_http"] = median(cpu)
         if engine:
             e = median(engine)
             measured |= {"engine_tok_s": e, "engine_vs_direct": ratio(e, r), "http_vs_engine": ratio(s, e)}
@@ -427,7 +447,7 @@ class Bench:
 
     def memory(self) -> None:
         for svc, name, target in ((self.edge, "edge", 1.0), (self.cloud, "cloud", None)):
-            hwm = peak_rss_gib(svc.proc.pid if svc.proc else None)
+            hwm = peak_rss_gib(svc.pid)
             model = svc.env.get("GKT_EDGE_MODEL") or svc.env.get("GKT_CLOUD_MODEL")
             self.add(Line(f"peak RSS of the {name} process ({model})", hwm, target, "<=", unit="GiB",
                           measured={"vm_hwm_gib": hwm}))
@@ -445,8 +465,8 @@ class Bench:
             try:
                 if "overhead" in cfg.sections:
                     print("overheads", flush=True)
-                    s_tps, _ = await self.overhead("edge", student, self.edge_core, self.edge.url)
-                    t_tps, _ = await self.overhead("cloud", teacher, self.cloud_core, self.cloud.url)
+                    s_tps, _ = await self.overhead("edge", student, self.edge_core, self.edge.url, self.edge.pid)
+                    t_tps, _ = await self.overhead("cloud", teacher, self.cloud_core, self.cloud.url, self.cloud.pid)
                     self.extra["direct_decode_tok_s"] = {"student": s_tps, "teacher": t_tps}
                 if "batching" in cfg.sections:
                     print("batching", flush=True)
@@ -478,6 +498,17 @@ def questions(path: Path | None) -> list[str]:
         if found:
             return found
     return QUESTIONS
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def peak_rss_gib(pid: int | None) -> float | None:
