@@ -207,23 +207,24 @@ class Bench:
         with pinned(core):
             direct.decode_speed(llm, tokens, cfg.decode_tokens)  # warm: prompt in the cache on both sides
         await via_http()
+        def call_direct() -> tuple[float | None, int, float]:
+            """(tok/s, tokens, CPU seconds of this thread)."""
+            with pinned(core):
+                t0 = time.thread_time()
+                tps, n = direct.decode_speed(llm, tokens, cfg.decode_tokens)
+                return tps, n, time.thread_time() - t0
+
         served, raw, engine, pairs, cpu, n_tok = [], [], [], [], [], 0
         for i in range(cfg.rounds):
             # Paired rounds: this machine's speed drifts by 10 % within minutes, so each round's ratio is
             # taken back to back (in alternating order) and the figure is the median of those ratios.
             if i % 2:
-                with pinned(core):
-                    t0 = time.thread_time()
-                    tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
-                    direct_cpu = time.thread_time() - t0
+                tps, n_tok, direct_cpu = call_direct()
             c0 = process_cpu_s(pid)
             stream = await via_http()
             c1 = process_cpu_s(pid)
             if not i % 2:
-                with pinned(core):
-                    t0 = time.thread_time()
-                    tps, n_tok = direct.decode_speed(llm, tokens, cfg.decode_tokens)
-                    direct_cpu = time.thread_time() - t0
+                tps, n_tok, direct_cpu = call_direct()
             if c0 is not None and c1 is not None and n_tok and stream.tokens:
                 cpu.append(ratio(direct_cpu / n_tok, (c1 - c0) / stream.tokens))
             served.append(stream.tok_s)
