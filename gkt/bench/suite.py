@@ -191,8 +191,9 @@ class Bench:
         """Decode tokens/s through the service vs the same model called directly, interleaved rounds.
 
         Also the CPU seconds per token on each side (the service process's, every thread, from ``/proc``; the
-        bench thread's for the direct call): a reading that other machines' load on this host does not move,
-        since time taken from the core is not CPU time of either side."""
+        bench thread's for the direct call): time other processes take from the core is not in it, so it
+        shows work a layer adds even when the wall-clock ratio drowns in the host's drift (memory contention
+        still moves it by several per cent)."""
         cfg = self.cfg
         text = self.prompt(0)
         tokens = llm.tokenize(text.encode(), add_bos=True, special=False)
