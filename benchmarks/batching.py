@@ -1,7 +1,7 @@
 """Continuous batching on the llama.cpp teacher: aggregate guidance throughput at 1, 2, 4, 8 concurrent requests.
 
 Runs the cloud's real engine in process (no HTTP) and compares it with the single-sequence engine that the
-cloud used before batching (``shared.llama.LlamaEngine``: one request at a time). Prints tokens/s and ratios;
+cloud used before batching (``edge_agent.student.LlamaEngine``: one request at a time). Prints tokens/s and ratios;
 nothing is asserted (the machine is shared and noisy: compare ratios within one run).
 
     .venv/bin/python benchmarks/batching.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 32] [--threads 2] \\
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_service.engines.llama_cpp import LlamaTeacher  # noqa: E402
 from cloud_service.settings import CloudSettings  # noqa: E402
+from edge_agent.student import LlamaEngine  # noqa: E402
 from shared.generation import GenerationParams, GenerationResult  # noqa: E402
-from shared.llama import LlamaEngine  # noqa: E402
 from shared.models import resolve  # noqa: E402
 from shared.protocol import GuidanceRequest  # noqa: E402
 

@@ -24,9 +24,7 @@ endpoint and, later, for metrics.
 
 from __future__ import annotations
 
-import asyncio
 import codecs
-import contextlib
 import logging
 import random
 import threading
@@ -38,6 +36,7 @@ from typing import Any
 
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
+from shared.llama import WorkerStream, model_pointer
 from shared.logs import REQUEST_ID, request_context
 from shared.words import WordEnd
 
@@ -144,12 +143,16 @@ class BatchScheduler:
         params.flash_attn_type = FLASH_ATTN[flash_attn]
         params.no_perf = True
         # The model weights are shared with the high-level Llama object that tokenizes (same llama_model).
-        self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        model = model_pointer(llm)
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create the batched context (out of memory?)")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm._model.model))
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        # The one call that runs the model (``llama_decode(ctx, batch) -> rc``, 0 on success). A public seam:
+        # fault-injection tests replace it, since llama.cpp does not fail on demand.
+        self.decode: Callable[[Any, Any], int] = llama_cpp.llama_decode
         self._slot_tokens: list[list[int]] = [[] for _ in range(slots)]  # what each slot's KV cache holds
         self._free: set[int] = set(range(slots))
         self._last_used = [0] * slots  # admission counter: ties go to the least recently used slot
@@ -181,20 +184,13 @@ class BatchScheduler:
         ``on_result`` is called on the event loop with the final result exactly once, also when the consumer
         stopped early (cancelled) or the engine failed, so the work done is always accounted for.
         """
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Piece | GenerationResult | BaseException] = asyncio.Queue()
-
-        # The worker thread must survive a consumer whose event loop has closed (shutdown, a test's loop).
-        def emit(item: Piece | GenerationResult | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+        bridge = WorkerStream()
 
         def report(result: GenerationResult) -> None:
             if on_result is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(on_result, result)
+                bridge.call(on_result, result)
 
-        seq = _Seq(tokens=tokens, params=params, emit=emit, on_result=report, cancel=threading.Event(),
+        seq = _Seq(tokens=tokens, params=params, emit=bridge.emit, on_result=report, cancel=threading.Event(),
                    t_submit=perf_counter(), request_id=REQUEST_ID.get(), draft=draft, read=len(tokens))
         with self._cv:
             if self._closed:
@@ -205,11 +201,7 @@ class BatchScheduler:
             self._cv.notify()
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    if isinstance(item, GKTError):
-                        raise item
-                    raise GKTError(ErrorCode.engine_error, "the model failed while generating") from item
+                item = await bridge.get()
                 yield item
                 if isinstance(item, GenerationResult):
                     return
@@ -331,7 +323,7 @@ class BatchScheduler:
                     add(seq.tokens[pos], pos, seq.slot, pos >= judge_from)
         b.n_tokens = n
         t0 = perf_counter()
-        rc = self._lc.llama_decode(self._ctx, b)
+        rc = self.decode(self._ctx, b)
         dt = perf_counter() - t0
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")

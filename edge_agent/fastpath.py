@@ -11,7 +11,7 @@ Correctness does not depend on the prefetcher: the student always generates from
 prefix of what was prefilled. What is prefilled is the tokenization of the text so far minus its last
 token, because a word's last token may merge with text that has not arrived yet; anything that still
 differs at the end is simply decoded again. Prefills go through ``LlamaEngine.prefill``, which never
-delays or disturbs another request's generation (see ``shared/llama.py``).
+delays or disturbs another request's generation (see ``edge_agent/student.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 
-from shared.llama import LlamaEngine
+from edge_agent.student import LlamaEngine
 
 log = logging.getLogger(__name__)
 

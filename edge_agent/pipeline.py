@@ -37,10 +37,10 @@ from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from edge_agent.rollback import StudentRound
 from edge_agent.seam import GuidanceSeam
 from edge_agent.settings import EdgeSettings
+from edge_agent.student import LlamaEngine
 from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, StopMatcher
-from shared.llama import LlamaEngine
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, Timings, TokenFrame
 from shared.tasks import TASKS, Task
 

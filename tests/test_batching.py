@@ -74,11 +74,10 @@ async def test_concurrent_requests_share_decode_steps(cloud: Service) -> None:
 
 @pytest.fixture(scope="module")
 def smol() -> Iterator[LlamaTeacher]:
-    engine = LlamaTeacher._load(CloudSettings(model="smollm2-135m-instruct", n_ctx=1024, max_in_flight=8,
+    engine = LlamaTeacher.from_settings(CloudSettings(model="smollm2-135m-instruct", n_ctx=1024, max_in_flight=8,
                                               n_threads=1, auth=False))
     yield engine
-    engine.scheduler.close()
-    engine._llm.close()
+    engine.close()
 
 
 async def test_greedy_outputs_under_batching_equal_single_sequence(smol: LlamaTeacher) -> None:
@@ -102,17 +101,18 @@ async def test_greedy_outputs_under_batching_equal_single_sequence(smol: LlamaTe
 async def test_a_failed_step_fails_each_sequence_and_its_log_line_names_them(
     smol: LlamaTeacher, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A decode step that raises (injected: llama.cpp does not fail on demand) ends every sequence in it with
-    an engine error, nobody waits forever, and the worker thread's log line carries their request ids (O2)."""
-    def boom() -> None:
-        raise RuntimeError("injected decode failure")
+    """A decode step that fails (injected through the scheduler's ``decode`` seam: llama.cpp does not fail on
+    demand) ends every sequence in it with an engine error, nobody waits forever, and the worker thread's log
+    line carries their request ids (O2)."""
+    def failing_decode(ctx: Any, batch: Any) -> int:
+        return -1  # as llama_decode reports an error
 
-    monkeypatch.setattr(smol.scheduler, "_step", boom)
+    monkeypatch.setattr(smol.scheduler, "decode", failing_decode)
     caplog.handler.addFilter(RequestIdFilter())
 
     async def one(request_id: str) -> GKTError:
         REQUEST_ID.set(request_id)  # this task's own context, as the request middleware does
-        tokens = smol._llm.tokenize(b"Q: 1 + 1?\nA:", add_bos=True, special=False)
+        tokens = smol.text.tokenize("Q: 1 + 1?\nA:", special=False)
         with pytest.raises(GKTError) as err:
             async for _ in smol.scheduler.stream(tokens, GenerationParams(max_tokens=8, temperature=0)):
                 pass
@@ -173,7 +173,7 @@ async def test_a_draft_is_judged_across_chunked_prefill_steps() -> None:
     """A draft that does not fit in one decode step (n_batch 16, prompt + draft about 40 tokens): its verdict
     spans steps and still cuts at the first token the teacher would not have chosen; the cut leaves the
     slot's cache as if the rejected tokens had never been there."""
-    engine = LlamaTeacher._load(CloudSettings(model="smollm2-135m-instruct", n_ctx=512, n_batch=16,
+    engine = LlamaTeacher.from_settings(CloudSettings(model="smollm2-135m-instruct", n_ctx=512, n_batch=16,
                                               max_in_flight=2, n_threads=1, auth=False))
     try:
         prompt = GuidanceRequest(prompt="1, 2, 3, 4, 5,", max_tokens=30, temperature=0)
@@ -200,5 +200,4 @@ async def test_a_draft_is_judged_across_chunked_prefill_steps() -> None:
         again, _ = await run(prompt)
         assert again == pieces
     finally:
-        engine.scheduler.close()
-        engine._llm.close()
+        engine.close()

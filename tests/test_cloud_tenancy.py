@@ -33,10 +33,9 @@ PROMPT = {"prompt": "The three primary colours are", "max_tokens": 8, "stream": 
 @pytest.fixture(scope="module")
 def teacher() -> Iterator[LlamaTeacher]:
     settings = CloudSettings(model="smollm2-135m-instruct", n_ctx=1024, max_in_flight=4, n_threads=1, auth=False)
-    engine = LlamaTeacher._load(settings)
+    engine = LlamaTeacher.from_settings(settings)
     yield engine
-    engine.scheduler.close()
-    engine._llm.close()
+    engine.close()
 
 
 @asynccontextmanager

@@ -12,8 +12,10 @@ import argparse
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,9 @@ from fastapi.responses import Response
 
 from edge_agent.app import create_app
 from edge_agent.settings import EdgeSettings
+from edge_agent.student import LlamaEngine
 from gkt.launcher import Service, edge_service, free_port
 from shared.auth import KeyRing, key_entry, new_key
-from shared.llama import LlamaEngine
 from shared.models import resolve
 from shared.protocol import DoneFrame, Timings, TokenFrame, Usage, encode_frame
 from tests.auth_checks import compared_exactly, deny_by_default, limited_per_key
@@ -182,16 +184,28 @@ def test_gkt_up_pairs_a_client_key_that_gkt_ask_sends(tmp_path: Path, monkeypatc
     monkeypatch.setenv("GKT_EDGE_API_KEYS", KEYS)
     assert launcher.client_key_env(tmp_path / "other.key") == {}
 
-    sent: list[dict[str, str]] = []
+    sent: list[str | None] = []
 
-    def fake_stream(method: str, url: str, **kw: Any) -> Any:  # records what `gkt ask` would send
-        sent.append(kw["headers"])
-        raise httpx.ConnectError("not listening")
+    class Edge(BaseHTTPRequestHandler):  # a real listener that records what `gkt ask` sends, then refuses
+        def do_POST(self) -> None:  # the name http.server dispatches to
+            sent.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
 
     monkeypatch.setattr(ask, "CLIENT_KEY_FILE", path)
-    monkeypatch.setattr(ask.httpx, "stream", fake_stream)
-    parser = argparse.ArgumentParser()
-    ask.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["ask", "hi"])
-    assert args.func(args) == 1
-    assert sent == [{"Authorization": f"Bearer {key}"}]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Edge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        parser = argparse.ArgumentParser()
+        ask.add_parser(parser.add_subparsers())
+        args = parser.parse_args(["ask", "hi", "--edge", f"http://127.0.0.1:{server.server_address[1]}"])
+        assert args.func(args) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sent == [f"Bearer {key}"]

@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse, Response
 
 from edge_agent.app import create_app
 from edge_agent.settings import EdgeSettings
+from edge_agent.student import LlamaEngine
 from gkt.launcher import free_port
 from shared.errors import ErrorCode, GKTError, error_body
-from shared.llama import LlamaEngine
 from shared.models import resolve
 from shared.protocol import DoneFrame, ErrorFrame, Timings, TokenFrame, Usage, encode_frame
 

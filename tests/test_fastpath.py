@@ -19,14 +19,9 @@ import httpx
 import pytest
 
 from edge_agent.fastpath import Prefetcher
+from edge_agent.student import BACKGROUND_NICE, HOT_PREFIX_MIN, PREFILL_CHUNK, LlamaEngine
 from gkt.launcher import Service, edge_service, free_port
 from shared.generation import GenerationParams, GenerationResult, Piece
-from shared.llama import (
-    BACKGROUND_NICE,
-    HOT_PREFIX_MIN,
-    PREFILL_CHUNK,
-    LlamaEngine,
-)
 from shared.models import DEFAULT_STUDENT, resolve
 from shared.tasks import GSM8K
 from tests.conftest import CLIENT_AUTH, EDGE_AUTH, EDGE_KEYS, ONE_THREAD
@@ -67,21 +62,17 @@ async def idle(engine: LlamaEngine) -> None:
     raise AssertionError("the engine stayed busy")
 
 
-def cold(engine: LlamaEngine) -> None:
+async def cold(engine: LlamaEngine) -> None:
     """Empty the KV cache and forget warm prefixes, so the next generation starts from nothing."""
-    engine._llm.reset()
-    engine._llm._ctx.kv_cache_clear()
-    engine.hot_prefix = []
-    engine._recent.clear()
-    engine._llm.n_tokens = 0
-    engine._canon = 0
+    await engine.reset_cache()
+    assert engine.cached_prefix(engine.tokenize("Q: 1+1?", special=False)) == 0
 
 
 async def test_prefill_then_generate_matches_cold_generation(engine: LlamaEngine) -> None:
     tokens = engine.tokenize(few_shot("Tom has 3 apples and buys 5 more. How many apples does he have?"), special=False)
-    cold(engine)
+    await cold(engine)
     want, _ = await generate(engine, tokens)
-    cold(engine)
+    await cold(engine)
     owner = object()
     assert await engine.prefill(tokens[:-1], owner) == len(tokens) - 1
     engine.release_warm(owner)
@@ -89,7 +80,7 @@ async def test_prefill_then_generate_matches_cold_generation(engine: LlamaEngine
     assert got == want
     assert result.cached_prompt_tokens == len(tokens) - 1  # only the last token was decoded at the handoff
     # A prefill of a sequence that diverges near the end (as a partial guidance can) keeps the common prefix.
-    cold(engine)
+    await cold(engine)
     other = engine.tokenize(few_shot("Tom has 3 apples and buys 5 more. How many pears?"), special=False)
     assert await engine.prefill(other, owner) == len(other)
     engine.release_warm(owner)
@@ -117,9 +108,9 @@ async def test_prefills_run_below_generation_priority(engine: LlamaEngine) -> No
 
 async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -> None:
     tokens = engine.tokenize("Q: Name three colours.\nA:", special=False)
-    cold(engine)
+    await cold(engine)
     want, _ = await generate(engine, tokens)
-    cold(engine)
+    await cold(engine)
     gen = engine.stream(tokens, GREEDY)
     first = await anext(gen)  # the generation holds the context now
     assert await engine.prefill(engine.tokenize("Something else entirely", special=False), object()) is None
@@ -133,9 +124,9 @@ async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -
 async def test_generation_stops_a_prefill_at_a_chunk_boundary(engine: LlamaEngine) -> None:
     long = engine.tokenize(few_shot("A train travels 60 miles in 2 hours. What is its speed?"), special=False)
     short = engine.tokenize("Q: What is 2 + 2?\nA:", special=False)
-    cold(engine)
+    await cold(engine)
     want, _ = await generate(engine, short)
-    cold(engine)
+    await cold(engine)
     owner = object()
     prefill = asyncio.create_task(engine.prefill(long, owner))
     await asyncio.sleep(0)  # the prefill has the context
@@ -149,7 +140,7 @@ async def test_generation_stops_a_prefill_at_a_chunk_boundary(engine: LlamaEngin
 
 async def test_one_owner_at_a_time_and_cancel_frees_the_context(engine: LlamaEngine) -> None:
     tokens = engine.tokenize(few_shot("Sam reads 12 pages a day. How many pages in a week?"), special=False)
-    cold(engine)
+    await cold(engine)
     a, b = object(), object()
     task = asyncio.create_task(engine.prefill(tokens, a))
     await asyncio.sleep(0)
@@ -167,7 +158,7 @@ async def test_one_owner_at_a_time_and_cancel_frees_the_context(engine: LlamaEng
 
 
 async def test_few_shot_prefix_is_kept_warm_after_an_unrelated_prompt(engine: LlamaEngine) -> None:
-    cold(engine)
+    await cold(engine)
     q1 = engine.tokenize(few_shot("Ann has 4 cats. How many legs?"), special=False)
     q2 = engine.tokenize(few_shot("Bob has 7 dogs. How many ears?"), special=False)
     await generate(engine, q1)
@@ -176,7 +167,7 @@ async def test_few_shot_prefix_is_kept_warm_after_an_unrelated_prompt(engine: Ll
     assert shared >= HOT_PREFIX_MIN and q1[:shared] == q2[:shared]
     await generate(engine, engine.tokenize("Write a haiku about rain.", special=False))  # evicts the prefix
     for _ in range(600):  # re-warming runs in the background while idle; bounded wait
-        if not engine.busy and list(engine._llm._input_ids[:shared]) == engine.hot_prefix:
+        if not engine.busy and engine.cached_prefix(engine.hot_prefix) == shared:
             break
         await asyncio.sleep(0.05)
     q3 = engine.tokenize(few_shot("Cid has 2 cows. How many horns?"), special=False)
@@ -193,15 +184,15 @@ async def test_greedy_output_does_not_depend_on_what_was_cached_q4_k_m() -> None
                 "A: He buys 7 * 2 = 14 goats. He has 7 + 14 = 21 animals. The answer is 21.\n\n"
                 "Q: A shop sells 7 boxes of 12 pens and 5 single pens. How many pens does it sell?\nA:")
         tokens = engine.tokenize(base + " The shop sells 7 boxes", special=False)
-        cold(engine)
+        await cold(engine)
         want, _ = await generate(engine, tokens)
         for other in (base + " First", base[:-40], base + " The shop sells 7 boxes of"):
-            cold(engine)
+            await cold(engine)
             await generate(engine, engine.tokenize(other, special=False))
             got, _ = await generate(engine, tokens)
             assert got == want, other[-30:]
         for cut in (1, 2, 3, 5, 13):  # partial prefills ending anywhere, as streaming guidance does
-            cold(engine)
+            await cold(engine)
             owner = object()
             await engine.prefill(tokens[:-cut], owner)
             engine.release_warm(owner)
@@ -217,7 +208,7 @@ async def test_concurrent_requests_with_prefetchers_all_finish(engine: LlamaEngi
     prompts = [few_shot(q) for q in ("Ann has 4 cats.", "Bob has 7 dogs.", "Cid has 2 cows.", "Dee has 9 hens.")]
     want = []
     for p in prompts:
-        cold(engine)
+        await cold(engine)
         want.append((await generate(engine, engine.tokenize(p + " The answer", special=False)))[0])
 
     async def request(i: int) -> str:
@@ -234,7 +225,7 @@ async def test_concurrent_requests_with_prefetchers_all_finish(engine: LlamaEngi
 
     got = await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(4))), 600)  # a hang guard only
     assert got == want
-    assert engine._warm_owner is None
+    assert engine.warm_owner is None
 
 
 # --- end to end on the default models --------------------------------------------------------------------

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from edge_agent.student import LlamaEngine
 from shared.generation import GenerationParams, GenerationResult, Piece
-from shared.llama import LlamaEngine
 from shared.models import resolve
 
 MODEL = "smollm2-135m-instruct"

@@ -30,10 +30,12 @@ class LlamaTeacher:
 
     @classmethod
     async def load(cls, settings: CloudSettings) -> LlamaTeacher:
-        return await asyncio.to_thread(cls._load, settings)
+        """``from_settings`` off the event loop (loading a model takes seconds)."""
+        return await asyncio.to_thread(cls.from_settings, settings)
 
     @classmethod
-    def _load(cls, settings: CloudSettings) -> LlamaTeacher:
+    def from_settings(cls, settings: CloudSettings) -> LlamaTeacher:
+        """Load the model and start the batch scheduler's worker thread (blocking; ``close`` undoes it)."""
         import llama_cpp
 
         llm = llama_cpp.Llama(
@@ -83,9 +85,13 @@ class LlamaTeacher:
         stream = self.scheduler.stream(tokens, params, on_result, draft=len(draft))
         return stream if cut is None else _cut_leading(stream, cut)
 
+    def close(self) -> None:
+        """Stop the scheduler (queued and running sequences end with an engine error), then free the model."""
+        self.scheduler.close()
+        self._llm.close()
+
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.scheduler.close)
-        await asyncio.to_thread(self._llm.close)
+        await asyncio.to_thread(self.close)
 
 
 async def _cut_leading(

@@ -13,7 +13,7 @@ from gkt.bench.report import tokens_per_second
 
 
 def load(path: str | Path, *, n_ctx: int, n_threads: int, n_batch: int = 512) -> Any:
-    """A high-level ``Llama`` with the same settings ``shared.llama.LlamaEngine`` uses."""
+    """A high-level ``Llama`` with the same settings ``edge_agent.student.LlamaEngine`` uses."""
     import llama_cpp
 
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
