@@ -19,28 +19,10 @@ parameters) and decides two things, from signals the edge sees anyway:
   (``GuidanceRequest.draft``): the llama.cpp teacher backend, or vLLM behind the openai backend.
 
 Everything here is pure (text and numbers in, decisions out), so the decisions are tested on scripted
-sequences (``tests/test_policies.py``); ``edge_agent/pipeline.py`` does the I/O.
+sequences (``tests/test_policies.py``); the runners in ``edge_agent/runners/`` do the I/O.
 
-Defaults (documented in README.md):
-
-| policy | parameter | default | meaning |
-|---|---|---|---|
-| fixed | (k = `guidance_tokens`) | 40 | teacher tokens that start the answer |
-| adaptive | `min_tokens` | 16 | never stop the first guidance before this many teacher tokens |
-| adaptive | `max_tokens` | 80 | never take more than this many |
-| reguide | (k = `guidance_tokens`) | 40 | the first guidance, as in fixed |
-| reguide | `tokens` | 16 | *m*: teacher tokens per re-guidance |
-| reguide | `threshold` | -1.5 | a student token is unsure below this log-probability (p < 0.22) |
-| reguide | `span` | 2 | unsure tokens in a row that call the teacher |
-| reguide | `decision_threshold` | -0.5 | at a decision point one token below this (p < 0.61) calls the teacher |
-| reguide | `max_calls` | 4 | re-guidance calls per answer |
-| reguide | `max_teacher_tokens` | 160 | teacher tokens per answer, all calls together |
-| reguide | `min_gap` | 8 | student tokens after any guidance before the next call |
-| reguide | `max_wait_s` | 10 | no more calls once one took longer than this to its first token |
-| verify | `draft_tokens` | 8 | student tokens per draft the teacher checks |
-| verify | `tokens` | 1 | teacher tokens written where a draft goes wrong (or after a draft it kept whole) |
-| verify | `max_calls` | 256 | verification calls per answer; then the student finishes alone |
-| verify | `max_wait_s` | 10 | no more calls once one took longer than this to its first token |
+Each policy's parameters, defaults and ranges are the ``Field``s of its model below (the request's schema;
+README.md shows them as a table).
 """
 
 from __future__ import annotations
@@ -111,7 +93,8 @@ class VerifyPolicy(BaseModel):
                               description="No more calls once one took longer than this to its first token.")
 
 
-GuidancePolicy = Annotated[FixedPolicy | AdaptivePolicy | ReguidePolicy | VerifyPolicy, Field(discriminator="name")]
+Policy = FixedPolicy | AdaptivePolicy | ReguidePolicy | VerifyPolicy
+GuidancePolicy = Annotated[Policy, Field(discriminator="name")]  # as a request field: chosen by ``name``
 
 
 def kept_tokens(pieces: list[tuple[str, int]], chars: int) -> int:
@@ -163,7 +146,7 @@ class FirstStop:
         return None if found is None else found.end()
 
 
-def first_stop(policy: FixedPolicy | AdaptivePolicy | ReguidePolicy) -> FirstStop | None:
+def first_stop(policy: Policy) -> FirstStop | None:
     """The early end of the first guidance, or None when it runs to its k."""
     if isinstance(policy, AdaptivePolicy):
         return FirstStop(policy.min_tokens, policy.max_tokens)
@@ -198,7 +181,7 @@ class Trigger:
 class Reguider:
     """The re-guidance decisions of one answer: when to call the teacher and what the budget allows.
 
-    The pipeline reports every student piece (``observe``), every guidance call (``guided``) and asks for
+    The guided runner reports every student piece (``observe``), every guidance call (``guided``) and asks for
     the size of the next call (``next_tokens``); nothing here waits or talks to the network.
     """
 

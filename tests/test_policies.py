@@ -206,9 +206,9 @@ def test_kept_tokens_counts_the_pieces_a_kept_prefix_uses() -> None:
 
 
 def test_a_draft_written_ahead_is_used_only_where_the_teacher_s_token_opens_it() -> None:
-    from edge_agent.pipeline import _Draft
+    from edge_agent.runners.verify import Draft
 
-    ahead = _Draft([(" 12", 2), (",", 1), (" 13", 2)], generated=5, stopped=True)
+    ahead = Draft([(" 12", 2), (",", 1), (" 13", 2)], generated=5, stopped=True)
     rest = ahead.after(" 12")
     assert rest is not None and rest.text == ", 13" and rest.generated == 3 and rest.stopped
     assert ahead.after("") is not None and ahead.after("").text == ahead.text  # type: ignore[union-attr]
