@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edge_agent.pipeline import Delta, Summary
 from shared.errors import GKTError
@@ -18,22 +18,21 @@ from shared.metrics import (
     OK,
     PARTIAL,
     TOKENS_PER_SECOND_BUCKETS,
-    loop_tasks_gauge,
+    ServiceMetrics,
     outcome_of,
 )
 
 
-class EdgeMetrics:
+class EdgeMetrics(ServiceMetrics):
     """Every series the edge exports; label sets are fixed here."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
+        super().__init__("edge", registry, in_flight="Answers being produced.",
+                         queued="Answers waiting for the student's context.")
+        r = self.registry
         lat = {"buckets": LATENCY_BUCKETS, "registry": r}
         self.requests = Counter("gkt_edge_requests_total", "Answers by route, mode and outcome.",
                                 ["route", "mode", "outcome"], registry=r)
-        self.in_flight = Gauge("gkt_edge_requests_in_flight", "Answers being produced.", registry=r)
-        self.loop_tasks = loop_tasks_gauge("edge", r)
-        self.queued = Gauge("gkt_edge_requests_queued", "Answers waiting for the student's context.", registry=r)
         self.ttft = Histogram("gkt_edge_time_to_first_token_seconds",
                               "Request start to the first answer token (teacher or student).", ["mode"], **lat)
         self.guidance_first = Histogram("gkt_edge_guidance_first_token_seconds",
@@ -80,9 +79,6 @@ class EdgeMetrics:
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
                                  ["kind", "reason"], registry=r)
-
-    def bind_queue(self, waiting: callable) -> None:  # type: ignore[valid-type]
-        self.queued.set_function(waiting)
 
     def rejected(self, route: str, mode: str, err: GKTError) -> None:
         self.requests.labels(route, mode, outcome_of(err)).inc()

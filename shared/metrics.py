@@ -7,6 +7,7 @@ process. Buckets span GPU latencies (milliseconds) and CPU ones (tens of seconds
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from fastapi import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -18,16 +19,25 @@ TOKENS_PER_SECOND_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 35.0, 50.0, 75.0, 100.0,
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
-def loop_tasks_gauge(service: str, registry: CollectorRegistry) -> Gauge:
-    """Asyncio tasks alive in the service's event loop; ``bind_loop`` starts it counting (L1/L2: a leaked
-    task per request shows as growth here)."""
-    return Gauge(f"gkt_{service}_event_loop_tasks", "Asyncio tasks alive in the server's event loop.",
-                 registry=registry)
+class ServiceMetrics:
+    """What each service's metrics start from: the app's own registry and the gauges both services export,
+    ``gkt_<service>_requests_in_flight``, ``..._requests_queued`` and ``..._event_loop_tasks``."""
 
+    def __init__(self, service: str, registry: CollectorRegistry | None, *, in_flight: str, queued: str) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.in_flight = Gauge(f"gkt_{service}_requests_in_flight", in_flight, registry=r)
+        # L1/L2: a task leaked per request shows as growth here.
+        self.loop_tasks = Gauge(f"gkt_{service}_event_loop_tasks", "Asyncio tasks alive in the server's event loop.",
+                                registry=r)
+        self.queued = Gauge(f"gkt_{service}_requests_queued", queued, registry=r)
 
-def bind_loop(gauge: Gauge, loop: asyncio.AbstractEventLoop) -> None:
-    """Count ``loop``'s tasks at scrape time (the /metrics route runs on that loop)."""
-    gauge.set_function(lambda: len(asyncio.all_tasks(loop)))
+    def bind_queue(self, waiting: Callable[[], float]) -> None:
+        """Read the queue length from ``waiting`` at scrape time."""
+        self.queued.set_function(waiting)
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count ``loop``'s tasks at scrape time (the /metrics route runs on that loop)."""
+        self.loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 def metrics_response(registry: CollectorRegistry) -> Response:
