@@ -14,9 +14,6 @@ from shared.errors import GKTError
 from shared.generation import GenerationResult, Piece
 from shared.metrics import (
     BATCH_SIZE_BUCKETS,
-    CANCELLED,
-    ERROR,
-    LATENCY_BUCKETS,
     OK,
     TOKENS_PER_SECOND_BUCKETS,
     ServiceMetrics,
@@ -28,12 +25,10 @@ class CloudMetrics(ServiceMetrics):
     """Every series the cloud exports; label sets are fixed here."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        super().__init__("cloud", registry, in_flight="Guidance generations under way.",
+        super().__init__("cloud", registry, requests="Guidance requests by route and outcome.", labels=["route"],
+                         in_flight="Guidance generations under way.",
                          queued="Guidance requests waiting for the teacher.")
-        r = self.registry
-        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
-        self.requests = Counter("gkt_cloud_requests_total", "Guidance requests by route and outcome.",
-                                ["route", "outcome"], registry=r)
+        r, lat = self.registry, self.latency
         self.ttft = Histogram("gkt_cloud_time_to_first_token_seconds",
                               "Request accepted to the first guidance token.", **lat)
         self.queue_wait = Histogram("gkt_cloud_queue_wait_seconds", "Time waiting for the teacher engine.", **lat)
@@ -62,27 +57,16 @@ class CloudMetrics(ServiceMetrics):
         """A stage of a ``Stream``: pass a generation through, recording it once it ends (or why it did not)."""
         t0 = perf_counter()
         first = False
-        outcome = CANCELLED
-        self.in_flight.inc()
-        try:
+        with self.counted(route) as tally:
             async for item in generation:
                 if isinstance(item, Piece) and not first:
                     first = True
                     self.ttft.observe(perf_counter() - t0)
                 if isinstance(item, GenerationResult):
-                    outcome = OK
+                    tally.outcome = OK
                     self._result(item)
                     self.duration.observe(perf_counter() - t0)
                 yield item
-        except GKTError as err:
-            outcome = outcome_of(err)
-            raise
-        except Exception:
-            outcome = ERROR
-            raise
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(route, outcome).inc()
 
     def _result(self, r: GenerationResult) -> None:
         self.queue_wait.observe(r.queue_s)

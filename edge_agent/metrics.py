@@ -11,10 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from edge_agent.pipeline import Delta, Summary
 from shared.errors import GKTError
 from shared.metrics import (
-    CANCELLED,
-    ERROR,
     FALLBACK,
-    LATENCY_BUCKETS,
     OK,
     PARTIAL,
     TOKENS_PER_SECOND_BUCKETS,
@@ -27,12 +24,9 @@ class EdgeMetrics(ServiceMetrics):
     """Every series the edge exports; label sets are fixed here."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        super().__init__("edge", registry, in_flight="Answers being produced.",
-                         queued="Answers waiting for the student's context.")
-        r = self.registry
-        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
-        self.requests = Counter("gkt_edge_requests_total", "Answers by route, mode and outcome.",
-                                ["route", "mode", "outcome"], registry=r)
+        super().__init__("edge", registry, requests="Answers by route, mode and outcome.", labels=["route", "mode"],
+                         in_flight="Answers being produced.", queued="Answers waiting for the student's context.")
+        r, lat = self.registry, self.latency
         self.ttft = Histogram("gkt_edge_time_to_first_token_seconds",
                               "Request start to the first answer token (teacher or student).", ["mode"], **lat)
         self.guidance_first = Histogram("gkt_edge_guidance_first_token_seconds",
@@ -88,27 +82,16 @@ class EdgeMetrics(ServiceMetrics):
         """Pass events through, recording the answer once it ends (or why it did not)."""
         t0 = perf_counter()
         first = False
-        outcome = CANCELLED
-        self.in_flight.inc()
-        try:
+        with self.counted(route, mode) as tally:
             async with aclosing(events) as it:
                 async for ev in it:
                     if isinstance(ev, Delta) and not first:
                         first = True
                         self.ttft.labels(mode).observe(perf_counter() - t0)
                     if isinstance(ev, Summary):
-                        outcome = self._summary(ev, mode)
+                        tally.outcome = self._summary(ev, mode)
                         self.duration.labels(mode).observe(perf_counter() - t0)
                     yield ev
-        except GKTError as err:
-            outcome = outcome_of(err)
-            raise
-        except Exception:
-            outcome = ERROR
-            raise
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(route, mode, outcome).inc()
 
     def _summary(self, s: Summary, mode: str) -> str:
         info, t = s.info, s.info.timings
