@@ -27,7 +27,8 @@ from shared.auth import key_entry, new_key
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("load", help="L1 overload at three times capacity and the L2/C4 connect/cancel soak",
-                       description=__doc__.splitlines()[0])
+                       description="L1 load at three times capacity and an L2/C4 connect/cancel soak, on real "
+                       "processes on loopback.")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--slots", type=int, default=2, help="cloud engine slots (the admission limit)")
     p.add_argument("--waiting", type=int, default=2, help="cloud queue length")

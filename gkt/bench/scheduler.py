@@ -29,7 +29,8 @@ QUESTIONS = ["What is 12 * 7?", "Name a prime number above 50.", "Why do cats pu
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scheduler", help="the cloud's batch scheduler in process against one request at a time",
-                       description=__doc__.splitlines()[0])
+                       description="Aggregate guidance throughput of the llama.cpp teacher's continuous batching "
+                       "at several concurrencies, against one request at a time (in process, printed as ratios).")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
