@@ -89,12 +89,12 @@ test: models system-deps lint vllm-if-memory
 
 # Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for a remote
 # vLLM. With vLLM set up for the teacher (make bench-vllm does it), also gkt's cloud in front of vLLM on this CPU.
-# Then the cloud's batching benchmark at more sizes (llama.cpp scheduler vs raw batched decode).
+# Then `gkt bench scheduler`: the cloud's batch scheduler at more sizes, in process, against one request at a time.
 BENCH_VLLM_MODEL ?= qwen2.5-coder-1.5b-instruct
 bench: models
 	$(PY) -m gkt bench $(BENCH_ARGS) $$([ -x $(VLLM_PY) ] && [ -f .cache/vllm/models/$(BENCH_VLLM_MODEL)/config.json ] \
 		&& echo --vllm-local $(BENCH_VLLM_MODEL))
-	$(PY) benchmarks/batching.py
+	$(PY) -m gkt bench scheduler
 
 # Only the batching lines, vLLM included (sets vLLM up for the teacher first: about 9 GiB of memory).
 bench-vllm: models

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from cloud_service.serving import GuidanceService
 from shared.http import unless_disconnected
-from shared.metrics import metrics_response
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -63,7 +62,7 @@ async def guidance(
         service.sse(generation),
         media_type="text/event-stream",
         # Runs even when the client left before the body started: frees the slot and the engine's sequence.
-        background=BackgroundTask(generation.aclose),  # type: ignore[attr-defined]
+        background=BackgroundTask(generation.aclose),
         headers={PROTOCOL_HEADER: PROTOCOL_VERSION, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -93,25 +92,3 @@ async def stats(service: ServiceDep) -> dict[str, Any]:
 async def models(service: ServiceDep) -> dict[str, Any]:
     """The teacher this cloud serves."""
     return {"object": "list", "data": [{"id": service.engine.model_name, "object": "model", "owned_by": "gkt"}]}
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    """Prometheus exposition of the ``gkt_cloud_*`` series."""
-    return metrics_response(request.app.state.metrics.registry)
-
-
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the process answers (independent of the engine)."""
-    return {"status": "ok"}
-
-
-@router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
-    """Readiness with reasons: loading, draining, engine stalled, engine dead."""
-    lifecycle = request.app.state.lifecycle
-    ok, reasons = lifecycle.readiness()
-    if not ok:
-        return JSONResponse({"status": lifecycle.phase, "reasons": reasons}, status_code=503)
-    return JSONResponse({"status": "ready", "model": request.app.state.service.engine.model_name})

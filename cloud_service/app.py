@@ -9,15 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 
 from cloud_service.api import ROUTE_LABELS, router
-from cloud_service.engine import TeacherEngine, build_engine
+from cloud_service.engine import TeacherEngine
+from cloud_service.engines import build_engine
 from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
 from cloud_service.settings import CloudSettings
-from shared.auth import AuthMiddleware, key_ring
+from shared.auth import key_ring
 from shared.errors import GKTError
-from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
-from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
-from shared.metrics import bind_loop
+from shared.lifecycle import Lifecycle, watchdog
+from shared.serve import service_app
 
 
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
@@ -34,7 +34,6 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
             )
         service = app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
         metrics.bind_service(service)
-        bind_loop(metrics.loop_tasks, asyncio.get_running_loop())
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: getattr(teacher, "dead", None)))
         try:
@@ -45,22 +44,19 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
             if engine is None:  # we own what we built
                 await teacher.aclose()
 
-    app = FastAPI(title="gkt cloud", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.service = None
-    app.state.metrics = metrics = CloudMetrics()
-    app.state.lifecycle = lifecycle = Lifecycle()
+    metrics = CloudMetrics()
+    lifecycle = Lifecycle()
 
     def on_invalid(request: Request, err: GKTError) -> None:
         # Bodies that fail validation never reach a route; count them so every request shows.
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, err)
 
-    # Outermost last: request id, then auth (a refused caller costs nothing more), lifecycle, body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
-    app.add_middleware(AuthMiddleware, keys=keys)
-    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry the request id too
-    install_error_handlers(app, on_invalid=on_invalid)
-    app.include_router(router)
+    app = service_app(
+        "gkt cloud", lifespan, router, metrics=metrics, lifecycle=lifecycle, keys=keys,
+        max_body_bytes=settings.max_body_bytes, on_invalid=on_invalid,
+        ready_info=lambda app: {"model": app.state.service.engine.model_name},
+    )
+    app.state.settings = settings
+    app.state.service = None
     return app

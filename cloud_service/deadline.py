@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 
-from cloud_service.engine import Generation
+from cloud_service.engine import Generation, Item
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationResult, Piece
 
 
-async def bounded(generation: Generation, deadline: float) -> AsyncIterator[Piece | GenerationResult]:
-    """Pass a generation through until ``deadline`` (``time.monotonic()``), then stop it and raise ``timeout``.
+async def bounded(generation: Generation, deadline: float) -> AsyncGenerator[Item, None]:
+    """Pass a generation through until ``deadline`` (``time.monotonic()``), then raise ``timeout``.
 
-    Waiting happens on a task, so a deadline that falls during prompt processing is noticed on time; the
-    generation is closed (which cancels the engine's work) whichever way this ends.
+    A stage of a ``Stream``: waiting happens on a task, so a deadline that falls during prompt processing is
+    noticed on time; the task is cancelled however this ends, and the stream's owner closes the generation
+    (which cancels the engine's work).
     """
     it = aiter(generation)
     pending: asyncio.Task | None = None
@@ -38,19 +38,18 @@ async def bounded(generation: Generation, deadline: float) -> AsyncIterator[Piec
                 return
             yield item
     finally:
-        await stop(pending, generation)
+        await cancel(pending)
 
 
-async def stop(pending: asyncio.Future | None, generation: Generation) -> None:
-    """Cancel a pending step and close the generation, which stops the engine's work for it.
+async def cancel(pending: asyncio.Future | None) -> None:
+    """Cancel a pending step and wait until it has really stopped.
 
     Shielded: after a client disconnect Starlette cancels the calling task's scope at every await, and the
-    engine (or the upstream HTTP stream) must really be stopped, not abandoned halfway.
+    step (inside the engine, or reading the upstream HTTP stream) must really be stopped, not abandoned halfway.
     """
+    if pending is None or pending.done():
+        return
     with anyio.CancelScope(shield=True):
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        with contextlib.suppress(Exception):
-            await generation.aclose()  # type: ignore[attr-defined]
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending

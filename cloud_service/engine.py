@@ -1,54 +1,94 @@
-"""The teacher-engine seam: what the guidance service needs from any teacher.
+"""The teacher-engine seam: what the guidance service needs from any teacher, and the stream it returns.
 
-``open`` validates a request (context length, upstream acceptance) and returns the generation as an async
-iterator of ``Piece`` followed by exactly one ``GenerationResult``. Errors raised by ``open`` happen before
-any byte is sent, so they become an HTTP status; errors while iterating become an error frame.
+``open`` validates a request (context length, upstream acceptance) and returns a ``Generation``: pieces
+followed by exactly one ``GenerationResult``, and an ``aclose`` that stops the engine's work. Errors raised by
+``open`` happen before any byte is sent, so they become an HTTP status; errors while iterating become an error
+frame.
 
 ``on_result`` is called exactly once per opened generation with its final result, also when the consumer
 stops early (finish reason ``cancelled``, counting what was generated) or the engine fails: the ledger
 charges streamed and abandoned work from it.
+
+The factory that picks an engine from the settings lives in ``cloud_service.engines`` (the engines import
+this module, never the other way round).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+import contextlib
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, Protocol
 
-from cloud_service.settings import CloudSettings
-from shared.generation import GenerationResult, Piece
+import anyio
+
+from shared.generation import GenerationResult, OnResult, Piece
 from shared.protocol import GuidanceRequest
 
-Generation = AsyncIterator[Piece | GenerationResult]
-OnResult = Callable[[GenerationResult], None]
+__all__ = ["Generation", "Item", "OnResult", "Stream", "TeacherEngine"]
+
+Item = Piece | GenerationResult
+P = ParamSpec("P")
 
 
-class Guarded:
-    """A generation whose ``cleanup`` runs exactly once when it is closed, even if it was never iterated.
+class Generation(Protocol):
+    """Pieces, then one result; ``aclose`` stops the work behind them. Any async generator is one."""
 
-    An async generator that never started ignores ``aclose()`` (its ``finally`` never runs). A response whose
-    client left before the first byte never starts its body, so anything held for it (an admission slot, an
-    upstream connection) must be freed here, not in a ``finally`` inside the generator.
+    def __aiter__(self) -> AsyncIterator[Item]: ...
+
+    def __anext__(self) -> Awaitable[Item]: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
+
+class Stream:
+    """A generation passed through stages, and the one owner of its cleanup.
+
+    Stages (``then``) are async generators over the items: a deadline, the metrics, the cache. None of them
+    closes what it reads; ``aclose`` closes them all, outermost first and the engine's generation last, then
+    runs the ``on_close`` callbacks in reverse order. It does so exactly once, shielded from cancellation
+    (after a client disconnect Starlette cancels every await, and the engine must really be stopped), and
+    also when the stream was never iterated: an async generator that never started ignores ``aclose()``, so
+    whatever was taken for the request (an admission slot, an upstream connection) is freed here, not in a
+    ``finally`` inside a generator.
     """
 
-    def __init__(self, inner: AsyncIterator[Piece | GenerationResult], cleanup: Callable[[], Awaitable[None]]) -> None:
-        self._inner = inner
-        self._cleanup = cleanup
+    def __init__(self, source: Generation) -> None:
+        self._layers: list[Generation] = [source]
+        self._cleanups: list[Callable[[], Any]] = []
         self._closed = False
 
-    def __aiter__(self) -> Guarded:
+    def then(
+        self, stage: Callable[Concatenate[Generation, P], AsyncGenerator[Item, None]], *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Stream:
+        """Pass the items through ``stage(items, *args, **kwargs)``, an async generator."""
+        self._layers.append(stage(self._layers[-1], *args, **kwargs))
         return self
 
-    async def __anext__(self) -> Piece | GenerationResult:
-        return await self._inner.__anext__()
+    def on_close(self, cleanup: Callable[[], Any]) -> Stream:
+        """Run ``cleanup`` (a function or a coroutine function) when the stream is closed, after every stage."""
+        self._cleanups.append(cleanup)
+        return self
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Item:
+        return await self._layers[-1].__anext__()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._inner.aclose()  # type: ignore[attr-defined]
-        finally:
-            await self._cleanup()
+        with anyio.CancelScope(shield=True):
+            for layer in reversed(self._layers):
+                with contextlib.suppress(Exception):
+                    await layer.aclose()
+            for cleanup in reversed(self._cleanups):
+                with contextlib.suppress(Exception):
+                    if inspect.isawaitable(done := cleanup()):
+                        await done
 
 
 class TeacherEngine(Protocol):
@@ -64,14 +104,3 @@ class TeacherEngine(Protocol):
     async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation: ...
 
     async def aclose(self) -> None: ...
-
-
-async def build_engine(settings: CloudSettings) -> TeacherEngine:
-    """The configured backend; adapters are imported lazily so each needs only its own dependencies."""
-    if settings.backend == "openai":
-        from cloud_service.engines.openai_upstream import OpenAITeacher
-
-        return await OpenAITeacher.connect(settings)
-    from cloud_service.engines.llama_cpp import LlamaTeacher
-
-    return await LlamaTeacher.load(settings)

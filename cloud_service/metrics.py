@@ -2,40 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Iterator
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from cloud_service.engine import Generation
+from cloud_service.engine import Generation, Item
 from shared.errors import GKTError
 from shared.generation import GenerationResult, Piece
 from shared.metrics import (
     BATCH_SIZE_BUCKETS,
-    CANCELLED,
-    ERROR,
-    LATENCY_BUCKETS,
     OK,
     TOKENS_PER_SECOND_BUCKETS,
-    loop_tasks_gauge,
+    ServiceMetrics,
     outcome_of,
 )
 
 
-class CloudMetrics:
+class CloudMetrics(ServiceMetrics):
     """Every series the cloud exports; label sets are fixed here."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
-        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
-        self.requests = Counter("gkt_cloud_requests_total", "Guidance requests by route and outcome.",
-                                ["route", "outcome"], registry=r)
-        self.in_flight = Gauge("gkt_cloud_requests_in_flight", "Guidance generations under way.", registry=r)
-        self.loop_tasks = loop_tasks_gauge("cloud", r)
-        self.queued = Gauge("gkt_cloud_requests_queued", "Guidance requests waiting for the teacher.", registry=r)
+        super().__init__("cloud", registry, requests="Guidance requests by route and outcome.", labels=["route"],
+                         in_flight="Guidance generations under way.",
+                         queued="Guidance requests waiting for the teacher.")
+        r, lat = self.registry, self.latency
         self.ttft = Histogram("gkt_cloud_time_to_first_token_seconds",
                               "Request accepted to the first guidance token.", **lat)
         self.queue_wait = Histogram("gkt_cloud_queue_wait_seconds", "Time waiting for the teacher engine.", **lat)
@@ -52,9 +45,6 @@ class CloudMetrics:
         for verdict in ("kept", "cut"):
             self.draft_tokens.labels(verdict)
 
-    def bind_queue(self, waiting: Callable[[], float]) -> None:
-        self.queued.set_function(waiting)
-
     def bind_service(self, service: object) -> None:
         """Export the service's own counters (engine, admission, cache, ledger) at scrape time."""
         self.queued.set_function(lambda: service.admission.stats.waiting)  # type: ignore[attr-defined]
@@ -63,32 +53,20 @@ class CloudMetrics:
     def rejected(self, route: str, err: GKTError) -> None:
         self.requests.labels(route, outcome_of(err)).inc()
 
-    async def observe(self, generation: Generation, route: str) -> AsyncIterator[Piece | GenerationResult]:
-        """Pass a generation through, recording it once it ends (or why it did not)."""
+    async def observe(self, generation: Generation, route: str) -> AsyncGenerator[Item, None]:
+        """A stage of a ``Stream``: pass a generation through, recording it once it ends (or why it did not)."""
         t0 = perf_counter()
         first = False
-        outcome = CANCELLED
-        self.in_flight.inc()
-        try:
-            async with aclosing(generation) as it:  # type: ignore[type-var]
-                async for item in it:
-                    if isinstance(item, Piece) and not first:
-                        first = True
-                        self.ttft.observe(perf_counter() - t0)
-                    if isinstance(item, GenerationResult):
-                        outcome = OK
-                        self._result(item)
-                        self.duration.observe(perf_counter() - t0)
-                    yield item
-        except GKTError as err:
-            outcome = outcome_of(err)
-            raise
-        except Exception:
-            outcome = ERROR
-            raise
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(route, outcome).inc()
+        with self.counted(route) as tally:
+            async for item in generation:
+                if isinstance(item, Piece) and not first:
+                    first = True
+                    self.ttft.observe(perf_counter() - t0)
+                if isinstance(item, GenerationResult):
+                    tally.outcome = OK
+                    self._result(item)
+                    self.duration.observe(perf_counter() - t0)
+                yield item
 
     def _result(self, r: GenerationResult) -> None:
         self.queue_wait.observe(r.queue_s)

@@ -35,7 +35,7 @@ from time import perf_counter
 from typing import Any
 
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
+from shared.generation import GenerationParams, GenerationResult, OnResult, Piece, StopMatcher, common_prefix
 from shared.llama import WorkerStream, model_pointer
 from shared.logs import REQUEST_ID, request_context
 from shared.words import WordEnd
@@ -45,7 +45,6 @@ log = logging.getLogger("gkt.scheduler")
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
 
 Emit = Callable[[Piece | GenerationResult | BaseException], None]
-OnResult = Callable[[GenerationResult], None]
 
 
 @dataclass

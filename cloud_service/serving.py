@@ -8,17 +8,16 @@ the done frame and the JSON result.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from cloud_service.admission import Admission
 from cloud_service.cache import CachedGuidance, GuidanceCache
-from cloud_service.deadline import bounded, stop
-from cloud_service.engine import Generation, Guarded, TeacherEngine
+from cloud_service.deadline import bounded, cancel
+from cloud_service.engine import Generation, Item, Stream, TeacherEngine
 from cloud_service.ledger import Ledger
 from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
@@ -34,6 +33,7 @@ from shared.protocol import (
     DoneFrame,
     ErrorFrame,
     ErrorInfo,
+    GuidanceOutcome,
     GuidanceRequest,
     GuidanceResult,
     HeartbeatFrame,
@@ -78,11 +78,12 @@ class GuidanceService:
 
     async def open(
         self, request: GuidanceRequest, tenant: str, *, route: str = "guidance", rate: bool = True
-    ) -> Generation:
+    ) -> Stream:
         """Validate, limit, admit and start; errors here become an HTTP status (nothing has been sent yet).
 
         The generation is bounded by the caller's budget (``timeout_ms``, at most ``request_timeout_s``) and
-        observed by the metrics."""
+        observed by the metrics. Whoever holds the stream closes it (``aclose``, idempotent), which stops the
+        engine and frees the admission slot, whether or not the response body ever started."""
         budget = self.settings.request_timeout_s
         if request.timeout_ms is not None:
             budget = min(budget, request.timeout_ms / 1000)
@@ -94,7 +95,7 @@ class GuidanceService:
             key = self.cache.key(self.engine.model_name, request)
             if key is not None and (hit := self.cache.get(key)) is not None:
                 self.ledger.record_hit(tenant)
-                return self.metrics.observe(_replay(hit), route)
+                return Stream(_replay(hit)).then(self.metrics.observe, route)
             waited = await self.admission.enter()
             try:
                 generation = await self.engine.open(request, lambda result: self.ledger.record(tenant, result))
@@ -104,17 +105,13 @@ class GuidanceService:
         except GKTError as err:
             self.metrics.rejected(route, err)
             raise
+        return (
+            Stream(generation).on_close(self.admission.release)
+            .then(self._admitted, waited, key).then(bounded, deadline).then(self.metrics.observe, route)
+        )
 
-        async def cleanup() -> None:  # exactly once, whether or not the response body ever started
-            self.admission.release()
-            with contextlib.suppress(Exception):
-                await generation.aclose()  # type: ignore[attr-defined]
-
-        observed = self.metrics.observe(bounded(self._admitted(generation, waited, key), deadline), route)
-        return Guarded(observed, cleanup)
-
-    async def _admitted(self, generation: Generation, waited: float, key: str | None) -> Generation:
-        """The engine's generation; completed answers are cached (the slot is released by ``Guarded``)."""
+    async def _admitted(self, generation: Generation, waited: float, key: str | None) -> AsyncGenerator[Item, None]:
+        """The engine's generation; completed answers are cached (the stream's owner frees the slot)."""
         pieces: list[tuple[str, int]] = []
         async for item in generation:
             if isinstance(item, GenerationResult):
@@ -137,10 +134,9 @@ class GuidanceService:
             "rate_limited": dict(self.limiter.limited),
         }
 
-    def _done(self, seq: int, result: GenerationResult) -> DoneFrame:
+    def _outcome(self, result: GenerationResult) -> GuidanceOutcome:
         cached = isinstance(result, _CachedResult)
-        return DoneFrame(
-            seq=seq,
+        return GuidanceOutcome(
             finish_reason="stop" if result.finish_reason == "stop" else "length",
             model=self.engine.model_name,
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
@@ -152,23 +148,26 @@ class GuidanceService:
         )
 
     async def sse(self, generation: Generation) -> AsyncIterator[bytes]:
-        """Frames as server-sent events: tokens, heartbeats while idle, exactly one terminal frame."""
+        """Frames as server-sent events: tokens, heartbeats while idle, exactly one terminal frame.
+
+        The generation is closed before the terminal frame is sent: the engine stops as soon as the answer
+        is decided, not once a slow client has read the frame."""
         seq = 0
-        it = aiter(generation)
         pending: asyncio.Task | None = None
         drained = asyncio.ensure_future(self.lifecycle.drain_deadline.wait())
+        terminal: DoneFrame | ErrorFrame
         try:
             while True:
                 if pending is None:
-                    pending = asyncio.ensure_future(anext(it))
+                    pending = asyncio.ensure_future(anext(generation))
                 done, _ = await asyncio.wait(
                     {pending, drained}, timeout=self.settings.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
                 )
                 if drained in done:
                     # G2: the drain deadline passed; end with a terminal frame rather than silence.
                     err = GKTError(ErrorCode.draining, "the cloud is shutting down; the guidance was cut short")
-                    yield encode_frame(ErrorFrame.from_error(seq, err))
-                    return
+                    terminal = ErrorFrame.from_error(seq, err)
+                    break
                 if not done:
                     # Waiting on the same task keeps the generation untouched while we tell the client
                     # the stream is alive.
@@ -181,20 +180,22 @@ class GuidanceService:
                     yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens))
                     seq += 1
                     continue
-                yield encode_frame(self._done(seq, item))
-                return
+                terminal = DoneFrame(seq=seq, **dict(self._outcome(item)))
+                break
         except StopAsyncIteration:
             err = GKTError(ErrorCode.engine_error, "the teacher ended without a result")
-            yield encode_frame(ErrorFrame.from_error(seq, err))
+            terminal = ErrorFrame.from_error(seq, err)
         except GKTError as err:
-            yield encode_frame(ErrorFrame.from_error(seq, err))
+            terminal = ErrorFrame.from_error(seq, err)
         except Exception:
             log.exception("guidance stream failed")
             err = GKTError(ErrorCode.internal_error, "internal error while generating guidance")
-            yield encode_frame(ErrorFrame.from_error(seq, err))
+            terminal = ErrorFrame.from_error(seq, err)
         finally:
             drained.cancel()
-            await stop(pending, generation)
+            await cancel(pending)
+            await generation.aclose()
+        yield encode_frame(terminal)
 
     async def collect(self, generation: Generation) -> GuidanceResult:
         """The whole guidance as one result."""
@@ -204,15 +205,9 @@ class GuidanceService:
                 if isinstance(item, Piece):
                     parts.append(item.text)
                 else:
-                    done = self._done(0, item)
-                    return GuidanceResult(
-                        text="".join(parts), finish_reason=done.finish_reason, model=done.model,
-                        usage=done.usage, timings=done.timings, cost=done.cost, cached=done.cached,
-                        draft_accepted=done.draft_accepted,
-                    )
+                    return GuidanceResult(text="".join(parts), **dict(self._outcome(item)))
         finally:
-            with contextlib.suppress(Exception):
-                await generation.aclose()  # type: ignore[attr-defined]
+            await generation.aclose()
         raise GKTError(ErrorCode.engine_error, "the teacher ended without a result")
 
     async def batch(self, request: BatchGuidanceRequest, tenant: str) -> BatchGuidanceResponse:
@@ -240,7 +235,7 @@ class _CachedResult(GenerationResult):
     """A result replayed from the cache (no engine time)."""
 
 
-async def _replay(hit: CachedGuidance) -> Generation:
+async def _replay(hit: CachedGuidance) -> AsyncGenerator[Item, None]:
     for text, tokens in hit.pieces:
         yield Piece(text, tokens)
     r = hit.result

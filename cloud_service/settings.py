@@ -19,11 +19,17 @@ class CloudSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8001, ge=0, le=65535, description="Bind port.")
     backend: Literal["llama_cpp", "openai"] = Field(
-        "llama_cpp", description="Teacher engine: llama.cpp in process, or an OpenAI-compatible upstream."
+        "llama_cpp",
+        description="Teacher engine: `llama_cpp` (in process) or `openai` (an OpenAI-compatible upstream such as "
+        "`vllm serve`, or a hosted API).",
     )
     model: str = Field(DEFAULT_TEACHER, description="llama_cpp: registry model name or GGUF path.")
     n_ctx: int = Field(4096, ge=256, le=131072, description="llama_cpp: context size in tokens.")
-    n_threads: int = Field(1, ge=1, le=256, description="llama_cpp: threads for prompt and generation.")
+    n_threads: int = Field(
+        1, ge=1, le=256,
+        description="llama_cpp: threads for prompt and generation; one per model when teacher and student share a "
+        "machine (two models at once on two cores thrash).",
+    )
     n_batch: int = Field(512, ge=16, le=8192, description="llama_cpp: prompt batch size.")
     flash_attn: Literal["off", "on", "auto"] = Field(
         "off",
@@ -43,7 +49,9 @@ class CloudSettings(BaseSettings):
         description="Longest wait for a slot; then 503 and the request never reaches the engine. Keep it below "
         "the edges' read timeout.",
     )
-    auth: bool = Field(True, description="Require an edge API key on every route except /health and /ready.")
+    auth: bool = Field(
+        True, description="Require an edge API key on every route except /health, /ready and /metrics."
+    )
     api_keys: str = Field(
         "", description="Edge keys as comma-separated `name:sha256hex` entries (hashes only; `gkt keys new NAME` "
         "makes a key and its entry).",
@@ -71,13 +79,17 @@ class CloudSettings(BaseSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, le=3600, description="Longest a guidance request may run (a caller's timeout_ms can shorten it)."
     )
-    drain_timeout_s: float = Field(20.0, gt=0, le=3600, description="SIGTERM: how long running work may finish.")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, le=3600,
+        description="SIGTERM: how long running work may finish before open streams end with an error frame.",
+    )
     stall_timeout_s: float = Field(
-        300.0, gt=0, le=86400, description="A busy engine with no token for this long makes readiness fail."
+        300.0, gt=0, le=86400,
+        description="A busy engine with no token for this long makes readiness fail (`engine stalled`).",
     )
     tcp_user_timeout_s: float = Field(
         30.0, ge=0, le=3600,
-        description="Abort a client connection whose sent data stays unacknowledged this long (a cut link; "
+        description="Abort a client connection whose sent data stays unacknowledged this long (a cut link, N3; "
         "0 leaves TCP's default of about 15 minutes).",
     )
     heartbeat_s: float = Field(5.0, gt=0, le=300, description="Heartbeat frame interval on idle streams.")
@@ -88,7 +100,9 @@ class CloudSettings(BaseSettings):
     tls_client_ca_file: str | None = Field(
         None, description="Mutual TLS: require every client (edge) to present a certificate signed by this CA (PEM)."
     )
-    log_level: str = Field("info", description="Python log level.")
+    log_level: str = Field(
+        "info", description="Python log level (every line of a request carries its request id)."
+    )
 
     @model_validator(mode="after")
     def _tls_complete(self) -> CloudSettings:

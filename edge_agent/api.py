@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from edge_agent.metrics import EdgeMetrics
@@ -13,7 +13,6 @@ from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.responses import Envelope, Kind, collect, stream
 from shared.errors import GKTError
 from shared.http import unless_disconnected
-from shared.metrics import metrics_response
 
 router = APIRouter()
 
@@ -81,25 +80,8 @@ async def models(pipeline: PipelineDep) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": pipeline.student.name, "object": "model", "owned_by": "gkt"}]}
 
 
-@router.get("/metrics", include_in_schema=False)
-async def metrics_endpoint(metrics: MetricsDep) -> Any:
-    """Prometheus exposition of the ``gkt_edge_*`` series."""
-    return metrics_response(metrics.registry)
-
-
-@router.get("/health")
-async def health() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
-
-
-@router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
-    """Readiness with reasons (loading, draining, engine stalled, engine dead); never depends on the cloud."""
-    lifecycle = request.app.state.lifecycle
-    ok, reasons = lifecycle.readiness()
-    if not ok:
-        return JSONResponse({"status": lifecycle.phase, "reasons": reasons}, status_code=503)
-    pipeline = request.app.state.pipeline
-    return JSONResponse({"status": "ready", "model": pipeline.student.name,
-                         "cloud_breaker": pipeline.cloud.breaker.state})
+def ready_info(app: FastAPI) -> dict[str, Any]:
+    """What ``/ready`` adds when ready: the student and the cloud breaker's state (readiness never depends on
+    the cloud)."""
+    pipeline = app.state.pipeline
+    return {"model": pipeline.student.name, "cloud_breaker": pipeline.cloud.breaker.state}

@@ -9,19 +9,18 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI, Request
 
-from edge_agent.api import ROUTE_LABELS, router
+from edge_agent.api import ROUTE_LABELS, ready_info, router
 from edge_agent.cloud import CloudClient
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
-from shared.auth import AuthMiddleware, RateLimiter, key_ring
+from shared.auth import RateLimiter, key_ring
 from shared.errors import GKTError
-from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
-from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
-from shared.metrics import bind_loop
+from shared.lifecycle import Lifecycle, watchdog
 from shared.models import resolve
+from shared.serve import service_app
 from shared.tls import client_context
 
 
@@ -56,7 +55,6 @@ def create_app(
         )
         client = http or cloud_http_client(settings)
         metrics.bind_queue(lambda: engine.waiting)
-        bind_loop(metrics.loop_tasks, asyncio.get_running_loop())
         cloud = CloudClient(
             client,
             policy=RetryPolicy(settings.cloud_retries + 1, settings.cloud_retry_base_s, settings.cloud_retry_cap_s),
@@ -77,23 +75,19 @@ def create_app(
             if student is None:
                 await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="gkt edge", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
-    app.state.pipeline = None
-    app.state.metrics = metrics = EdgeMetrics()
-    app.state.lifecycle = lifecycle = Lifecycle()
-    app.state.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
+    metrics = EdgeMetrics()
+    lifecycle = Lifecycle()
 
     def on_invalid(request: Request, err: GKTError) -> None:
         # Bodies that fail validation never reach a route; count them here so every answer request shows.
         if route := ROUTE_LABELS.get(request.url.path):
             metrics.rejected(route, "unknown", err)
 
-    # Outermost last: request id, then auth (a refused caller costs nothing more), lifecycle, body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
-    app.add_middleware(AuthMiddleware, keys=keys)
-    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry the request id too
-    install_error_handlers(app, on_invalid=on_invalid)
-    app.include_router(router)
+    app = service_app(
+        "gkt edge", lifespan, router, metrics=metrics, lifecycle=lifecycle, keys=keys,
+        max_body_bytes=settings.max_body_bytes, on_invalid=on_invalid, ready_info=ready_info,
+    )
+    app.state.settings = settings
+    app.state.pipeline = None
+    app.state.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -25,6 +24,7 @@ from shared.protocol import (
     TokenFrame,
     parse_frame,
 )
+from shared.upstream import gkt_status_error, transport_errors
 
 Frame = TokenFrame | HeartbeatFrame | DoneFrame
 
@@ -96,11 +96,11 @@ class CloudClient:
         base = self._client.timeout
         timeout = httpx.Timeout(connect=min(base.connect or remaining, remaining),
                                 read=min(self.read_timeout_s, remaining), write=base.write, pool=base.pool)
-        try:
+        with transport_errors("the cloud did not answer in time", "the cloud is unreachable or the link broke"):
             async with self._client.stream("POST", "/v1/guidance", json=body, headers=headers,
                                            timeout=timeout) as resp:
                 if resp.status_code != 200:
-                    raise _refusal(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+                    raise gkt_status_error(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
                 decoder = SSEDecoder()
                 expected = 0
                 async for chunk in resp.aiter_raw():
@@ -117,23 +117,3 @@ class CloudClient:
                     if time.monotonic() > deadline:
                         raise GKTError(ErrorCode.timeout, "the guidance deadline passed")
                 raise IncompleteStreamError()
-        except httpx.TimeoutException as exc:
-            raise GKTError(ErrorCode.timeout, "the cloud did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise GKTError(ErrorCode.upstream_unavailable, "the cloud is unreachable or the link broke") from exc
-
-
-def _refusal(status: int, raw: bytes, retry_after: str | None) -> GKTError:
-    try:
-        info = json.loads(raw)["error"]
-        code, message = code_from_name(info.get("code")), str(info.get("message", ""))[:500]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        code, message = (ErrorCode.upstream_error if status >= 500 else ErrorCode.upstream_rejected,
-                         f"the cloud answered HTTP {status}")
-    wait = None
-    if retry_after:
-        try:
-            wait = float(retry_after)
-        except ValueError:
-            wait = None
-    return GKTError(code, f"cloud: {message}", retry_after=wait)

@@ -6,34 +6,27 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from edge_agent.protocol import Delta, Summary
 from shared.errors import GKTError
 from shared.metrics import (
-    CANCELLED,
-    ERROR,
     FALLBACK,
-    LATENCY_BUCKETS,
     OK,
     PARTIAL,
     TOKENS_PER_SECOND_BUCKETS,
-    loop_tasks_gauge,
+    ServiceMetrics,
     outcome_of,
 )
 
 
-class EdgeMetrics:
+class EdgeMetrics(ServiceMetrics):
     """Every series the edge exports; label sets are fixed here."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry()
-        lat = {"buckets": LATENCY_BUCKETS, "registry": r}
-        self.requests = Counter("gkt_edge_requests_total", "Answers by route, mode and outcome.",
-                                ["route", "mode", "outcome"], registry=r)
-        self.in_flight = Gauge("gkt_edge_requests_in_flight", "Answers being produced.", registry=r)
-        self.loop_tasks = loop_tasks_gauge("edge", r)
-        self.queued = Gauge("gkt_edge_requests_queued", "Answers waiting for the student's context.", registry=r)
+        super().__init__("edge", registry, requests="Answers by route, mode and outcome.", labels=["route", "mode"],
+                         in_flight="Answers being produced.", queued="Answers waiting for the student's context.")
+        r, lat = self.registry, self.latency
         self.ttft = Histogram("gkt_edge_time_to_first_token_seconds",
                               "Request start to the first answer token (teacher or student).", ["mode"], **lat)
         self.guidance_first = Histogram("gkt_edge_guidance_first_token_seconds",
@@ -81,9 +74,6 @@ class EdgeMetrics:
                                  "partial (the stream broke); reason is the error code.",
                                  ["kind", "reason"], registry=r)
 
-    def bind_queue(self, waiting: callable) -> None:  # type: ignore[valid-type]
-        self.queued.set_function(waiting)
-
     def rejected(self, route: str, mode: str, err: GKTError) -> None:
         self.requests.labels(route, mode, outcome_of(err)).inc()
 
@@ -92,27 +82,16 @@ class EdgeMetrics:
         """Pass events through, recording the answer once it ends (or why it did not)."""
         t0 = perf_counter()
         first = False
-        outcome = CANCELLED
-        self.in_flight.inc()
-        try:
+        with self.counted(route, mode) as tally:
             async with aclosing(events) as it:
                 async for ev in it:
                     if isinstance(ev, Delta) and not first:
                         first = True
                         self.ttft.labels(mode).observe(perf_counter() - t0)
                     if isinstance(ev, Summary):
-                        outcome = self._summary(ev, mode)
+                        tally.outcome = self._summary(ev, mode)
                         self.duration.labels(mode).observe(perf_counter() - t0)
                     yield ev
-        except GKTError as err:
-            outcome = outcome_of(err)
-            raise
-        except Exception:
-            outcome = ERROR
-            raise
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(route, mode, outcome).inc()
 
     def _summary(self, s: Summary, mode: str) -> str:
         info, t = s.info, s.info.timings

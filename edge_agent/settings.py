@@ -22,28 +22,44 @@ class EdgeSettings(BaseSettings):
     n_ctx: int = Field(4096, ge=256, le=131072, description="Student context size in tokens.")
     n_threads: int = Field(1, ge=1, le=256, description="Student threads for prompt and generation.")
     n_batch: int = Field(512, ge=16, le=8192, description="Student prompt batch size.")
-    max_waiting: int = Field(16, ge=0, le=4096, description="Requests that may wait for the student.")
+    max_waiting: int = Field(
+        16, ge=0, le=4096, description="Requests that may wait for the student; more are refused at once (503)."
+    )
     cloud_url: str = Field("http://127.0.0.1:8001", description="Base URL of the gkt cloud.")
     cloud_connect_timeout_s: float = Field(3.0, gt=0, le=120, description="Connect timeout to the cloud.")
     cloud_read_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="Longest silence on a guidance stream (heartbeats count as traffic)."
     )
     guidance_timeout_s: float = Field(
-        60.0, gt=0, le=3600, description="Overall deadline for the guidance phase; the cloud is told the rest."
+        60.0, gt=0, le=3600,
+        description="Overall deadline for the guidance phase; the cloud is sent the remaining budget as `timeout_ms`.",
     )
-    cloud_retries: int = Field(2, ge=0, le=10, description="Retries before the first frame (retryable errors).")
-    cloud_retry_base_s: float = Field(0.2, gt=0, le=60, description="First retry backoff (doubles, jittered).")
-    cloud_retry_cap_s: float = Field(2.0, gt=0, le=300, description="Longest retry backoff.")
+    cloud_retries: int = Field(
+        2, ge=0, le=10, description="Retries of a guidance request before its first frame, on retryable errors only."
+    )
+    cloud_retry_base_s: float = Field(
+        0.2, gt=0, le=60, description="First retry backoff (doubles each retry, jittered to [d/2, d])."
+    )
+    cloud_retry_cap_s: float = Field(
+        2.0, gt=0, le=300, description="Longest retry backoff; a cloud asking (Retry-After) for more is not retried."
+    )
     breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive cloud failures that open the breaker.")
-    breaker_cooldown_s: float = Field(10.0, gt=0, le=3600, description="Open breaker: wait before one probe.")
+    breaker_cooldown_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="How long an open breaker sends every request straight to the student before one probe.",
+    )
     tcp_user_timeout_s: float = Field(
         30.0, ge=0, le=3600,
-        description="Abort a client connection whose sent data stays unacknowledged this long (a cut link; "
-        "0 leaves TCP's default of about 15 minutes).",
+        description="Abort a client connection whose sent data stays unacknowledged this long (a vanished client, "
+        "N3; 0 leaves TCP's default of about 15 minutes).",
     )
-    drain_timeout_s: float = Field(20.0, gt=0, le=3600, description="SIGTERM: how long running answers may finish.")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, le=3600,
+        description="SIGTERM: how long running answers may finish before open streams end with an error event.",
+    )
     stall_timeout_s: float = Field(
-        300.0, gt=0, le=86400, description="A busy student with no token for this long makes readiness fail."
+        300.0, gt=0, le=86400,
+        description="A busy student with no token for this long makes readiness fail (`engine stalled`).",
     )
     auth: bool = Field(
         True, description="Require a client API key on every route except /health, /ready and /metrics."
@@ -65,10 +81,13 @@ class EdgeSettings(BaseSettings):
     price_cpu_per_hour: float = Field(0.01, ge=0, description="Student price per CPU-core hour of engine time.")
     default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
-    default_max_tokens: int = Field(512, ge=1, le=131072, description="Answer length when a request names none.")
+    default_max_tokens: int = Field(
+        512, ge=1, le=131072, description="Answer length when a request names none (clamped to the context)."
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1 << 30, description="Larger request bodies get 413.")
     fast_path: bool = Field(
-        True, description="Prefill the student's prompt and the arriving guidance while the guidance streams."
+        True, description="Prefill the student's prompt and the arriving guidance while the guidance streams "
+        "(docs/BENCHMARKS.md)."
     )
     cloud_ca_file: str | None = Field(
         None, description="Verify an https cloud against this CA (PEM) instead of the system store."
@@ -77,7 +96,9 @@ class EdgeSettings(BaseSettings):
         None, description="Mutual TLS: the certificate chain (PEM) this edge presents to the cloud."
     )
     cloud_key_file: str | None = Field(None, description="Mutual TLS: the private key of `cloud_cert_file` (PEM).")
-    log_level: str = Field("info", description="Python log level.")
+    log_level: str = Field(
+        "info", description="Python log level (every line of a request carries its request id)."
+    )
 
     @model_validator(mode="after")
     def _tls_complete(self) -> EdgeSettings:

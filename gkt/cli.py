@@ -57,12 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     p_keys.add_argument("name", help="the caller's tenant name (letters, digits, . _ -)")
     p_keys.set_defaults(func=_keys)
 
-    from gkt import ask, launcher, observability, testbed
+    from gkt import ask, config_docs, launcher, observability, testbed
     from gkt.bench import cli as bench
     from gkt.eval import cli as eval_cli
 
     ask.add_parser(sub)
     bench.add_parser(sub)
+    config_docs.add_parser(sub)
     launcher.add_parser(sub)
     observability.add_parser(sub)
     testbed.add_parser(sub)

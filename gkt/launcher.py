@@ -177,19 +177,27 @@ def local_auth_env(edge_key_file: Path, client_key_file: Path) -> tuple[dict[str
     return cloud_env, {**edge_env, **client_key_env(client_key_file)}
 
 
+class _Stop(BaseException):  # not an Exception: no broad handler on the way may swallow it
+    """The operator asked ``gkt up`` to stop (SIGINT or SIGTERM)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
 def run(args: argparse.Namespace) -> int:
+    """Exit 0 when the operator stops it (Ctrl-C, SIGTERM), 1 when a service dies on its own."""
+    # Both signals raise the same exception, also when SIGINT came in ignored (a background job): Ctrl-C on
+    # `make run` reaches the services too, and one of them exiting first must not read as a crash.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     cloud_env, edge_env = local_auth_env(args.key_file, args.client_key_file)
-    cloud = cloud_service(args.cloud_port, cloud_env).start()
-    edge = edge_service(args.edge_port, cloud.url, edge_env).start()
-    services = [edge, cloud]
-
-    def stop(*_: object) -> None:
-        for s in services:
-            s.stop()
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
+    services: list[Service] = []  # stopped in this order: the edge first
     try:
+        cloud = cloud_service(args.cloud_port, cloud_env).start()
+        services.append(cloud)
+        edge = edge_service(args.edge_port, cloud.url, edge_env).start()
+        services.insert(0, edge)
         cloud.wait_ready()
         edge.wait_ready()
         print(_banner(cloud.url, edge.url, args.key_file if cloud_env else None,
@@ -199,9 +207,13 @@ def run(args: argparse.Namespace) -> int:
         dead = [s.name for s in services if s.proc and s.proc.poll() is not None]
         print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except _Stop:
         return 0
     finally:
+        # A second Ctrl-C reaches the services themselves (they stop at once); here it must not cut the
+        # cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for s in services:
             s.stop()
 

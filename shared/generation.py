@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +56,11 @@ class GenerationResult:
     draft_tokens: int = 0
     draft_accepted_tokens: int = 0
     draft_accepted_text: str | None = None
+
+
+# Called exactly once per generation with its final result, also when it was cancelled or failed, so the work
+# done is always accounted for (the cloud's ledger).
+OnResult = Callable[[GenerationResult], None]
 
 
 class StopMatcher:

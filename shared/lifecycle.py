@@ -17,14 +17,15 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from shared.auth import PUBLIC_PATHS
 from shared.errors import ErrorCode, GKTError
 from shared.http import error_response
 
 log = logging.getLogger("gkt.lifecycle")
 
 Phase = Literal["starting", "ready", "draining", "dead"]
-# Routes that stay open while draining or dead: probes and metrics.
-EXEMPT = frozenset({"/health", "/ready", "/metrics"})
+# Routes that stay open while draining or dead: the probes and metrics, the same paths auth leaves open.
+EXEMPT = PUBLIC_PATHS
 
 
 @dataclass

@@ -172,11 +172,10 @@ class HeartbeatFrame(BaseModel):
     seq: int
 
 
-class DoneFrame(BaseModel):
-    """The terminal frame of a successful stream."""
+class GuidanceOutcome(BaseModel):
+    """How one guidance answer ended and what it cost: the fields the ``done`` frame and the non-streamed
+    ``GuidanceResult`` share."""
 
-    type: Literal["done"] = "done"
-    seq: int
     finish_reason: FinishReason
     model: str
     usage: Usage
@@ -186,6 +185,17 @@ class DoneFrame(BaseModel):
     draft_accepted: int | None = Field(
         None, description="Characters of the request's draft the teacher kept (its text follows them); None "
         "without a draft.")
+
+
+# Fields go on the wire in the order of the bases, last base first: a frame leads with type and seq, a result
+# with its text.
+class _DoneHead(BaseModel):
+    type: Literal["done"] = "done"
+    seq: int
+
+
+class DoneFrame(GuidanceOutcome, _DoneHead):
+    """The terminal frame of a successful stream."""
 
 
 class ErrorInfo(BaseModel):
@@ -215,19 +225,12 @@ Frame = Annotated[TokenFrame | HeartbeatFrame | DoneFrame | ErrorFrame, Field(di
 _FRAME = TypeAdapter(Frame)
 
 
-class GuidanceResult(BaseModel):
-    """The non-streamed form of one guidance answer."""
-
+class _ResultHead(BaseModel):
     text: str
-    finish_reason: FinishReason
-    model: str
-    usage: Usage
-    timings: Timings
-    cost: TeacherCost | None = None
-    cached: bool = Field(False, description="Served from the guidance cache (no engine work, no teacher cost).")
-    draft_accepted: int | None = Field(
-        None, description="Characters of the request's draft the teacher kept (its text follows them); None "
-        "without a draft.")
+
+
+class GuidanceResult(GuidanceOutcome, _ResultHead):
+    """The non-streamed form of one guidance answer."""
 
 
 class BatchGuidanceRequest(BaseModel):

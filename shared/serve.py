@@ -1,19 +1,86 @@
-"""Run an app under uvicorn with gkt's lifecycle: SIGTERM drains, a fatal engine error exits non-zero."""
+"""The frame of a gkt service, built once for both: the middleware stack, error handlers, probes and
+``/metrics`` (``service_app``); and running it under uvicorn with gkt's lifecycle (``serve``): SIGTERM drains,
+a fatal engine error exits non-zero."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import FrameType
 from typing import Any, TypeVar
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from shared.lifecycle import Lifecycle, drain
+from shared.auth import AuthMiddleware, KeyRing
+from shared.errors import GKTError
+from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
+from shared.lifecycle import Lifecycle, LifecycleMiddleware, drain
+from shared.metrics import ServiceMetrics, metrics_response
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+def service_app(
+    title: str, lifespan: Lifespan, router: APIRouter, *, metrics: ServiceMetrics, lifecycle: Lifecycle,
+    keys: KeyRing | None, max_body_bytes: int, ready_info: Callable[[FastAPI], dict[str, Any]],
+    on_invalid: Callable[[Request, GKTError], None] | None = None,
+) -> FastAPI:
+    """A service's app: its ``router`` behind the shared middleware and error handlers, plus ``/health``,
+    ``/ready`` (with ``ready_info(app)`` when ready) and ``/metrics`` (``metrics.registry``).
+
+    ``app.state.metrics`` and ``app.state.lifecycle`` are set; the event-loop task gauge counts the loop the
+    lifespan runs on."""
+
+    @asynccontextmanager
+    async def counted(app: FastAPI) -> AsyncIterator[None]:
+        metrics.bind_loop(asyncio.get_running_loop())
+        async with lifespan(app):
+            yield
+
+    app = FastAPI(title=title, version="0.1.0", lifespan=counted)
+    app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
+    # Outermost last: request id, then auth (a refused caller costs nothing more), lifecycle, body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle)
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(RequestIdMiddleware)  # outermost: refusals carry the request id too
+    install_error_handlers(app, on_invalid=on_invalid)
+    app.include_router(router)
+    app.include_router(_probes(ready_info))
+    return app
+
+
+def _probes(ready_info: Callable[[FastAPI], dict[str, Any]]) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus exposition of the service's ``gkt_*`` series."""
+        return metrics_response(request.app.state.metrics.registry)
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers (independent of the engine)."""
+        return {"status": "ok"}
+
+    @router.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness with reasons: loading, draining, engine stalled, engine dead (never another service)."""
+        lifecycle = request.app.state.lifecycle
+        ok, reasons = lifecycle.readiness()
+        if not ok:
+            return JSONResponse({"status": lifecycle.phase, "reasons": reasons}, status_code=503)
+        return JSONResponse({"status": "ready", **ready_info(request.app)})
+
+    return router
 
 
 class DrainingServer(uvicorn.Server):

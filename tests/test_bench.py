@@ -92,3 +92,15 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     assert data["load_average_before"] and data["memory_bandwidth_gbs"] > 0
     assert 0 < by["peak RSS of the edge process (smollm2-135m-instruct)"]["value"] < 1.0
     assert "MISS" in proc.stdout or "PASS" in proc.stdout
+
+
+def test_scheduler_bench_runs_on_the_real_engine() -> None:
+    """`gkt bench scheduler` (the cloud's batch scheduler against one request at a time), tiny: it prints one
+    row per concurrency and the engine's batch sizes; the figures are the bench's to print, not ours to assert."""
+    proc = subprocess.run([sys.executable, "-m", "gkt", "bench", "scheduler", "--model", "smollm2-135m-instruct",
+                           "--tokens", "4", "--threads", "1", "--sizes", "1,2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(x) > 0 for r in rows for x in r[1:])
+    assert "batch-size histogram" in proc.stdout

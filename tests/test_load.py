@@ -1,9 +1,9 @@
-"""Load (L1) and connect/cancel soak (L2, C4) on real processes, short versions of benchmarks/load.py.
+"""Load (L1) and connect/cancel soak (L2, C4) on real processes, short versions of ``gkt bench load``.
 
 Asserted here are the invariants that are not timings: every request ends answered or refused with
 ``Retry-After`` (lost = 0), overload really was refused, and file descriptors, threads and the servers'
 asyncio tasks come back to their baseline. The figures (capacity, goodput ratio, latencies) are printed;
-``benchmarks/load.py`` runs the full-length version and records them (docs/RELIABILITY.md).
+``gkt bench load`` runs the full-length version and records them (docs/RELIABILITY.md).
 """
 
 from __future__ import annotations

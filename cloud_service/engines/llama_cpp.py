@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
-from cloud_service.engine import Generation, OnResult
+from cloud_service.engine import Generation, Item, OnResult, Stream
 from cloud_service.scheduler import BatchScheduler
 from cloud_service.settings import CloudSettings
-from shared.generation import GenerationParams, GenerationResult, Piece, TrailingWhitespace
+from shared.generation import GenerationParams, Piece, TrailingWhitespace
 from shared.llama import LlamaText
 from shared.models import resolve
 from shared.protocol import GuidanceRequest
@@ -82,8 +82,8 @@ class LlamaTeacher:
             max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop, word_end_after=word_end_after,
         )
-        stream = self.scheduler.stream(tokens, params, on_result, draft=len(draft))
-        return stream if cut is None else _cut_leading(stream, cut)
+        stream = Stream(self.scheduler.stream(tokens, params, on_result, draft=len(draft)))
+        return stream if cut is None else stream.then(_cut_leading, cut)
 
     def close(self) -> None:
         """Stop the scheduler (queued and running sequences end with an engine error), then free the model."""
@@ -94,19 +94,14 @@ class LlamaTeacher:
         await asyncio.to_thread(self.close)
 
 
-async def _cut_leading(
-    stream: AsyncIterator[Piece | GenerationResult], cut: TrailingWhitespace
-) -> AsyncIterator[Piece | GenerationResult]:
+async def _cut_leading(stream: Generation, cut: TrailingWhitespace) -> AsyncGenerator[Item, None]:
     carried = 0  # tokens whose text was all cut: counted with the next piece
-    try:
-        async for item in stream:
-            if isinstance(item, Piece):
-                text = cut.feed(item.text)
-                if not text:
-                    carried += item.tokens
-                    continue
-                item = Piece(text, item.tokens + carried)
-                carried = 0
-            yield item
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+    async for item in stream:
+        if isinstance(item, Piece):
+            text = cut.feed(item.text)
+            if not text:
+                carried += item.tokens
+                continue
+            item = Piece(text, item.tokens + carried)
+            carried = 0
+        yield item

@@ -12,19 +12,19 @@ and the same whitespace is dropped from the start of the continuation (``Trailin
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from time import perf_counter
 from typing import Any
 
 import httpx
 
-from cloud_service.engine import Generation, Guarded, OnResult
+from cloud_service.engine import Generation, Item, OnResult, Stream
 from cloud_service.engines.openai_verify import UpstreamVerifier
-from cloud_service.engines.upstream_errors import status_error
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
+from shared.upstream import openai_status_error, transport_errors
 from shared.words import WordEnd
 
 
@@ -99,27 +99,23 @@ class OpenAITeacher:
             return await self._verifier.open(request, on_result)
         path, body, cut = self._body(request)
         t0 = perf_counter()
-        try:
+        with transport_errors("the teacher upstream did not answer in time", "the teacher upstream is unreachable"):
             resp = await self._client.send(self._client.build_request("POST", path, json=body), stream=True)
-        except httpx.TimeoutException as exc:
-            raise GKTError(ErrorCode.timeout, "the teacher upstream did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream is unreachable") from exc
         if resp.status_code >= 400:
             try:
                 raw = await resp.aread()
             finally:
                 await resp.aclose()
-            raise status_error(resp.status_code, raw, resp.headers.get("retry-after"))
+            raise openai_status_error(resp.status_code, raw, resp.headers.get("retry-after"))
         word_end = WordEnd(request.max_tokens) if request.whole_words else None
         stream = self._stream(resp, t0, chat=request.messages is not None, cut=cut, word_end=word_end,
                               on_result=on_result)
-        return Guarded(stream, resp.aclose)  # the connection is released even if nobody reads the stream
+        return Stream(stream).on_close(resp.aclose)  # the connection is released even if nobody reads it
 
     async def _stream(
         self, resp: httpx.Response, t0: float, *, chat: bool, cut: TrailingWhitespace | None,
         word_end: WordEnd | None, on_result: OnResult | None,
-    ) -> AsyncIterator[Piece | GenerationResult]:
+    ) -> AsyncGenerator[Item, None]:
         decoder = SSEDecoder()
         pieces = carried = 0
         usage: dict[str, Any] = {}
@@ -141,7 +137,7 @@ class OpenAITeacher:
             )
 
         try:
-            try:
+            with transport_errors("the teacher upstream stalled", "the teacher upstream connection broke"):
                 async for chunk in resp.aiter_raw():
                     for data in decoder.feed(chunk):
                         if data.strip() == "[DONE]":
@@ -171,10 +167,6 @@ class OpenAITeacher:
                             break
                     if done:
                         break
-            except httpx.TimeoutException as exc:
-                raise GKTError(ErrorCode.timeout, "the teacher upstream stalled") from exc
-            except httpx.TransportError as exc:
-                raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream connection broke") from exc
             if not done:
                 raise GKTError(ErrorCode.protocol_error, "the teacher upstream stream ended without [DONE]")
             final = result(finish)
@@ -183,7 +175,6 @@ class OpenAITeacher:
                 on_result(final)
             yield final
         finally:
-            await resp.aclose()
             if not reported and on_result is not None:
                 on_result(result("cancelled"))  # stopped early or failed: charge what was streamed
 

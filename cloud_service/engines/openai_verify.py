@@ -15,17 +15,17 @@ An upstream without these (a hosted API, ``llama_cpp.server``) answers 404 or 40
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from time import perf_counter
 from typing import Any
 
 import httpx
 
-from cloud_service.engine import Generation, OnResult
-from cloud_service.engines.upstream_errors import status_error
+from cloud_service.engine import Generation, Item, OnResult
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
+from shared.upstream import openai_status_error, transport_errors
 
 _CANNOT = "this cloud's teacher upstream cannot verify drafts (it needs vLLM's /tokenize and prompt_logprobs)"
 
@@ -111,16 +111,12 @@ class UpstreamVerifier:
         return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
 
     async def _send(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
+        with transport_errors("the teacher upstream did not answer in time", "the teacher upstream is unreachable"):
             resp = await self._client.post(url, json=body)
-        except httpx.TimeoutException as exc:
-            raise GKTError(ErrorCode.timeout, "the teacher upstream did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream is unreachable") from exc
         if resp.status_code in (404, 405, 501):
             raise GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
         if resp.status_code >= 400:
-            raise status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
+            raise openai_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
         try:
             obj = resp.json()
         except ValueError as exc:
@@ -130,7 +126,7 @@ class UpstreamVerifier:
         return obj
 
 
-async def _replay(piece: Piece | None, result: GenerationResult) -> AsyncIterator[Piece | GenerationResult]:
+async def _replay(piece: Piece | None, result: GenerationResult) -> AsyncGenerator[Item, None]:
     if piece is not None:
         yield piece
     yield result

@@ -11,7 +11,7 @@ offers ``factor`` times that rate for a bounded time. Every request ends as exac
 Soak (L2/C4): many streamed requests, each abandoned at a different phase (before the headers, after the
 headers, after the first frames), then one normal request; service resources must stay flat.
 
-Resources come from ``/proc/PID`` (fds, threads, RSS). The driver is used by ``benchmarks/load.py`` (prints
+Resources come from ``/proc/PID`` (fds, threads, RSS). The driver is used by ``gkt bench load`` (prints
 the figures and writes JSON) and by ``tests/test_load.py`` (short runs that assert the invariants).
 """
 

@@ -1,10 +1,11 @@
-"""Continuous batching on the llama.cpp teacher: aggregate guidance throughput at 1, 2, 4, 8 concurrent requests.
+"""``gkt bench scheduler``: continuous batching on the llama.cpp teacher, aggregate guidance throughput at 1, 2,
+4, 8 concurrent requests.
 
 Runs the cloud's real engine in process (no HTTP) and compares it with the single-sequence engine that the
 cloud used before batching (``edge_agent.student.LlamaEngine``: one request at a time). Prints tokens/s and ratios;
 nothing is asserted (the machine is shared and noisy: compare ratios within one run).
 
-    .venv/bin/python benchmarks/batching.py [--model qwen2.5-coder-0.5b-instruct] [--tokens 32] [--threads 2] \\
+    .venv/bin/gkt bench scheduler [--model qwen2.5-coder-0.5b-instruct] [--tokens 32] [--threads 2] \\
         [--sizes 1,2,4,8]
 """
 
@@ -12,30 +13,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from pathlib import Path
 from time import perf_counter
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared.generation import GenerationParams, GenerationResult
+from shared.protocol import GuidanceRequest
 
-from cloud_service.engines.llama_cpp import LlamaTeacher  # noqa: E402
-from cloud_service.settings import CloudSettings  # noqa: E402
-from edge_agent.student import LlamaEngine  # noqa: E402
-from shared.generation import GenerationParams, GenerationResult  # noqa: E402
-from shared.models import resolve  # noqa: E402
-from shared.protocol import GuidanceRequest  # noqa: E402
+if TYPE_CHECKING:  # the engines load llama.cpp: imported when the benchmark runs, not with the `gkt` command
+    from cloud_service.engines.llama_cpp import LlamaTeacher
+    from edge_agent.student import LlamaEngine
 
 QUESTIONS = ["What is 12 * 7?", "Name a prime number above 50.", "Why do cats purr?", "What is rust made of?",
              "Describe a rainbow.", "How do bees make honey?", "What is a verb?", "Why is ice slippery?"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scheduler", help="the cloud's batch scheduler in process against one request at a time",
+                       description="Aggregate guidance throughput of the llama.cpp teacher's continuous batching "
+                       "at several concurrencies, against one request at a time (in process, printed as ratios).")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", default="1,2,4,8", help="concurrency levels, comma-separated")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    asyncio.run(_main(args))
+    return 0
 
 
 async def batched(teacher: LlamaTeacher, n: int, tokens: int, tag: str) -> tuple[int, float]:
     async def one(i: int) -> int:
         req = GuidanceRequest(prompt=f"Q: {QUESTIONS[i % len(QUESTIONS)]}\nA:", max_tokens=tokens,
                               stop=[f"<<{tag}{i}>>"])
-        async for item in await teacher.open(req):
-            if isinstance(item, GenerationResult):
-                return item.completion_tokens
+        generation = await teacher.open(req)
+        try:
+            async for item in generation:
+                if isinstance(item, GenerationResult):
+                    return item.completion_tokens
+        finally:
+            await generation.aclose()
         return 0
 
     t0 = perf_counter()
@@ -56,13 +74,12 @@ async def sequential(engine: LlamaEngine, n: int, tokens: int) -> tuple[int, flo
     return sum(done), perf_counter() - t0
 
 
-async def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sizes", default="1,2,4,8", help="concurrency levels, comma-separated")
-    args = p.parse_args()
+async def _main(args: argparse.Namespace) -> None:
+    from cloud_service.engines.llama_cpp import LlamaTeacher
+    from cloud_service.settings import CloudSettings
+    from edge_agent.student import LlamaEngine
+    from shared.models import resolve
+
     sizes = [int(x) for x in args.sizes.split(",")]
     print(f"model {args.model}, {args.tokens} tokens per request, {args.threads} threads", flush=True)
     single = LlamaEngine(resolve(args.model), n_ctx=1024, n_threads=args.threads, name=args.model)
@@ -83,7 +100,3 @@ async def main() -> None:
     print(f"engine: batch-size histogram {stats['batch_sizes']}, max batch {stats['max_batch']}")
     single.close()
     await teacher.aclose()
-
-
-if __name__ == "__main__":
-    asyncio.run(main())

@@ -1,11 +1,11 @@
-"""L1 load at three times capacity, and an L2/C4 connect/cancel soak, on real processes on loopback.
+"""``gkt bench load``: L1 load at three times capacity and an L2/C4 connect/cancel soak, on real processes.
 
 Starts a cloud (SmolLM2-135M, one thread, ``--slots`` engine slots, a small queue, the guidance cache off so
 every request costs engine work, rate limits out of the way) and an edge; measures the cloud's capacity with
 a closed loop at the admission limit, then offers ``--factor`` times that rate open loop for ``--load-s``;
 then soaks the edge with ``--cycles`` abandoned streams. Prints the figures and writes them as JSON.
 
-    nice -n 19 .venv/bin/python benchmarks/load.py [--slots 2] [--capacity-s 20] [--load-s 60] [--factor 3] \\
+    nice -n 19 .venv/bin/gkt bench load [--slots 2] [--capacity-s 20] [--load-s 60] [--factor 3] \\
         [--cycles 300] [--out load-results.json]
 
 Requests are counted sent / answered / refused (503 or 429 with Retry-After) / lost (anything else);
@@ -17,19 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gkt.bench.load import Target, l1, soak  # noqa: E402
-from gkt.launcher import cloud_service, edge_service, free_port  # noqa: E402
-from shared.auth import key_entry, new_key  # noqa: E402
+from gkt.bench.load import Target, l1, soak
+from gkt.launcher import cloud_service, edge_service, free_port
+from shared.auth import key_entry, new_key
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("load", help="L1 overload at three times capacity and the L2/C4 connect/cancel soak",
+                       description="L1 load at three times capacity and an L2/C4 connect/cancel soak, on real "
+                       "processes on loopback.")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--slots", type=int, default=2, help="cloud engine slots (the admission limit)")
     p.add_argument("--waiting", type=int, default=2, help="cloud queue length")
@@ -39,8 +38,10 @@ def main() -> int:
     p.add_argument("--factor", type=float, default=3.0)
     p.add_argument("--cycles", type=int, default=300, help="soak cycles (0: no soak)")
     p.add_argument("--out", type=Path, default=Path("load-results.json"))
-    args = p.parse_args()
+    p.set_defaults(func=run)
 
+
+def run(args: argparse.Namespace) -> int:
     key = new_key()
     auth = {"Authorization": f"Bearer {key}"}
     env = {"GKT_CLOUD_MODEL": args.model, "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "1024",
@@ -58,7 +59,8 @@ def main() -> int:
         cloud.wait_ready()
         edge.wait_ready()
         target = Target(cloud.url, auth, max_tokens=args.max_tokens)
-        results: dict = {"settings": vars(args) | {"out": str(args.out)}, "logs": str(logs)}
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "tool")}
+        results: dict = {"settings": settings | {"out": str(args.out)}, "logs": str(logs)}
         if args.load_s > 0:
             results["l1"] = asyncio.run(l1(target, {"cloud": cloud}, args.slots, args.capacity_s,
                                            args.load_s, args.factor))
@@ -96,6 +98,3 @@ def print_l1(r: dict, args: argparse.Namespace) -> None:
         print(f"  {name}: baseline {res} -> after load {r['resources']['after_load'][name]} "
               f"-> settled {r['resources']['settled'][name]}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())
