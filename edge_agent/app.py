@@ -15,13 +15,14 @@ from edge_agent.metrics import EdgeMetrics
 from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
-from shared.auth import AuthMiddleware, RateLimiter, key_ring
+from shared.auth import AuthMiddleware, key_ring
 from shared.errors import GKTError
 from shared.http import BodyLimitMiddleware, RequestIdMiddleware, install_error_handlers
 from shared.lifecycle import Lifecycle, LifecycleMiddleware, watchdog
 from shared.llama import LlamaEngine
 from shared.metrics import bind_loop
 from shared.models import resolve
+from shared.ratelimit import RateLimiter
 from shared.tls import client_context
 
 
