@@ -145,7 +145,8 @@ class LedgerStore:
     def down(self, exc: BaseException) -> None:
         reason = f"database unavailable ({type(exc).__name__})"
         if self.healthy or self.reason != reason:
-            log.error("ledger %s: the cloud is not ready until it is back", reason)
+            # The driver's message names the cause (refused, auth, migration); it never carries the password.
+            log.error("ledger %s: %s; the cloud is not ready until it is back", reason, str(exc)[:300])
         self.healthy, self.reason = False, reason
 
     async def migrate(self) -> None:

@@ -108,7 +108,8 @@ class GuidanceService:
                     return self.metrics.observe(_replay(CachedGuidance.from_json(prior["answer"])), route)
             key = self.cache.key(self.engine.model_name, request)
             if key is not None and (hit := self.cache.get(key)) is not None:
-                await self.ledger.record(charge, hit.result, cached=True, answer=hit.to_json())
+                replayed = replace(hit.result, cached_prompt_tokens=hit.result.prompt_tokens)  # no engine read it
+                await self.ledger.record(charge, replayed, cached=True, answer=hit.to_json())
                 return self.metrics.observe(_replay(hit), route)
             waited = await self.admission.enter()
 
