@@ -13,7 +13,8 @@ from tests.conftest import AUTH, CLOUD_KEYS
 
 REPLICA_ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "1024",
                "GKT_CLOUD_MAX_IN_FLIGHT": "4", "GKT_CLOUD_CACHE_MAX_ENTRIES": "0", "GKT_CLOUD_DRAIN_TIMEOUT_S": "60",
-               **CLOUD_KEYS}
+               # Limits out of the way (the limit test sets its own): probes send many small requests.
+               "GKT_CLOUD_RATE_LIMIT_PER_MIN": "1000000", "GKT_CLOUD_RATE_LIMIT_BURST": "100000", **CLOUD_KEYS}
 
 
 def body(i: int, max_tokens: int = 4, stream: bool = True) -> dict[str, Any]:

@@ -127,3 +127,12 @@ async def test_database_down_is_reported_and_refused_then_recovers(tmp_path: Pat
     finally:
         pg.stop()
         shutil.rmtree(data, ignore_errors=True)
+
+
+def test_database_and_redis_passwords_stay_out_of_repr() -> None:
+    """S3: the URLs may carry passwords; settings keep them as secrets."""
+    from cloud_service.settings import CloudSettings
+
+    s = CloudSettings(auth=False, database_url="postgresql://gkt:pg-s3cret@db:5432/gkt",
+                      redis_url="redis://:redis-s3cret@cache:6379/0")
+    assert "s3cret" not in repr(s) and "s3cret" not in str(s.model_dump())
