@@ -69,14 +69,22 @@ def test_gkt_up_restarts_a_killed_cloud(tmp_path: Path) -> None:
                            str(edge_port), "--key-file", str(tmp_path / "edge.key"), "--client-key-file",
                            str(tmp_path / "client.key")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     cloud_ready = lambda: _ready(cloud_port)  # noqa: E731
+
+    def until(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert up.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.2)
+
     try:
-        _until(lambda: cloud_ready() and _ready(edge_port), 900)
+        until(lambda: "gkt is up" in log.read_text(), 900)  # its own start-up is over: now it supervises
         children = Path(f"/proc/{up.pid}/task/{up.pid}/children").read_text().split()
         cloud_pid = next(int(p) for p in children if b"cloud_service" in Path(f"/proc/{p}/cmdline").read_bytes())
         os.kill(cloud_pid, signal.SIGKILL)
-        _until(lambda: not cloud_ready(), 30)
+        until(lambda: not cloud_ready(), 30)
         assert _ready(edge_port) and up.poll() is None  # the edge keeps serving (it answers alone, R4)
-        _until(cloud_ready, 900)
+        until(cloud_ready, 900)
         up.send_signal(signal.SIGINT)
         assert up.wait(60) == 0
         said = log.read_text()
@@ -93,9 +101,3 @@ def _ready(port: int) -> bool:
     except httpx.HTTPError:
         return False
 
-
-def _until(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
