@@ -40,11 +40,14 @@ models: $(STAMP)
 	$(PY) -m gkt models fetch
 
 # Debian packages the tests use, installed when we are root: prometheus (testbed, observability tests),
-# iproute2 (`ip netns`, `tc tbf`) and nftables (`nft`) for the network-fault tests (tests/test_network.py).
-SYSTEM_DEPS := prometheus:prometheus ip:iproute2 tc:iproute2 nft:nftables
+# iproute2 (`ip netns`, `tc tbf`) and nftables (`nft`) for the network-fault tests (tests/test_network.py);
+# redis-server, postgresql and haproxy for the scale-out tests (tests/test_scale_*.py: private instances on
+# ephemeral loopback ports; PostgreSQL's binaries live in /usr/lib/postgresql/<version>/bin, off PATH).
+SYSTEM_DEPS := prometheus:prometheus ip:iproute2 tc:iproute2 nft:nftables redis-server:redis-server haproxy:haproxy
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do \
 	  command -v $${dep%%:*} >/dev/null || missing="$$missing $${dep#*:}"; done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	  else echo "WARNING: missing Debian packages:$$missing (apt-get install$$missing); their tests will be skipped" >&2; fi; fi

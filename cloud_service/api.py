@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -36,6 +36,11 @@ def get_tenant(request: Request) -> str:
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+# One bill per key (the ledger's unique (tenant, key)): a retry with the key is replayed, not billed again.
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+    description="The caller's key for this answer; a retry with the same key is replayed without a second charge.",
+)]
 
 _SSE_DOC: dict[int | str, dict[str, Any]] = {
     200: {
@@ -51,10 +56,10 @@ _SSE_DOC: dict[int | str, dict[str, Any]] = {
 
 @router.post("/v1/guidance", responses=_SSE_DOC, response_model=None)
 async def guidance(
-    request: Request, body: GuidanceRequest, service: ServiceDep, tenant: TenantDep
+    request: Request, body: GuidanceRequest, service: ServiceDep, tenant: TenantDep, key: IdempotencyKey = None
 ) -> StreamingResponse | GuidanceResult | Response:
     """The teacher's first ``max_tokens`` (k) tokens for a chat or a raw prompt."""
-    generation = await service.open(body, tenant)
+    generation = await service.open(body, tenant, idempotency_key=key)
     if not body.stream:
         result = await unless_disconnected(request, service.collect(generation))
         return Response(status_code=499) if result is None else result  # C1: 499, the client left
@@ -69,23 +74,23 @@ async def guidance(
 
 @router.post("/v1/guidance/batch", response_model=BatchGuidanceResponse)
 async def guidance_batch(
-    request: Request, body: BatchGuidanceRequest, service: ServiceDep, tenant: TenantDep
+    request: Request, body: BatchGuidanceRequest, service: ServiceDep, tenant: TenantDep, key: IdempotencyKey = None
 ) -> BatchGuidanceResponse | Response:
     """Guidance for many prompts in one call; each item has a result or an error."""
-    result = await unless_disconnected(request, service.batch(body, tenant))
+    result = await unless_disconnected(request, service.batch(body, tenant, key))
     return Response(status_code=499) if result is None else result  # C1: 499, the client left
 
 
 @router.get("/v1/usage")
 async def usage(service: ServiceDep, tenant: TenantDep) -> dict[str, Any]:
     """The calling key's usage totals and cost."""
-    return {"tenant": tenant, "currency": service.ledger.rates.currency, **vars(service.ledger.tenant(tenant))}
+    return {"tenant": tenant, "currency": service.ledger.rates.currency, **vars(await service.ledger.tenant(tenant))}
 
 
 @router.get("/v1/stats")
 async def stats(service: ServiceDep) -> dict[str, Any]:
     """Engine (batch sizes, tokens), admission, cache and ledger counters."""
-    return service.stats()
+    return await service.stats()
 
 
 @router.get("/v1/models")

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from cloud_service.api import ROUTE_LABELS, router
 from cloud_service.engine import TeacherEngine
 from cloud_service.engines import build_engine
+from cloud_service.ledger_db import LedgerStore
 from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
 from cloud_service.settings import CloudSettings
@@ -21,7 +22,8 @@ from shared.serve import service_app
 
 
 def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | None = None) -> FastAPI:
-    """A cloud app; the lifespan loads the configured teacher unless ``engine`` is given."""
+    """A cloud app; the lifespan loads the configured teacher unless ``engine`` is given, and opens the ledger's
+    database (migrated at start; while it is down the cloud runs but is not ready, and says why)."""
     settings = settings or CloudSettings()
     keys = key_ring(settings.auth, settings.api_keys, "GKT_CLOUD_", "add an edge key (`gkt keys new NAME`)")
 
@@ -33,14 +35,20 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
                 lambda: "engine stalled" if teacher.stalled(settings.stall_timeout_s) else None  # type: ignore[attr-defined]
             )
         service = app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
+        store = service.ledger.store
+        lifecycle.checks.append(lambda: store.reason)
+        await store.check()
         metrics.bind_service(service)
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: getattr(teacher, "dead", None)))
+        probe = asyncio.create_task(_probe(store))
         try:
             yield
         finally:
             guard.cancel()
+            probe.cancel()
             app.state.service = None
+            await service.ledger.aclose()
             if engine is None:  # we own what we built
                 await teacher.aclose()
 
@@ -60,3 +68,11 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
     app.state.settings = settings
     app.state.service = None
     return app
+
+
+async def _probe(store: LedgerStore, interval_s: float = 2.0) -> None:
+    """Readiness follows the database even without traffic: a lost database shows within ``interval_s``, and
+    a database that comes back (or comes up after the cloud) makes the cloud ready again."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await store.check()

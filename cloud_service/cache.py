@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from shared.generation import GenerationResult
@@ -24,7 +24,15 @@ class CachedGuidance:
 
     pieces: list[tuple[str, int]]
     result: GenerationResult
-    size: int
+    size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer as the ledger keeps it (replayed to a retry with the same idempotency key)."""
+        return {"pieces": [[t, n] for t, n in self.pieces], "result": asdict(self.result)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CachedGuidance:
+        return cls([(str(t), int(n)) for t, n in data["pieces"]], GenerationResult(**data["result"]))
 
 
 class GuidanceCache:

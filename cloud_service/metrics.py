@@ -125,7 +125,7 @@ class _ServiceCollector(Collector):
         entries = GaugeMetricFamily("gkt_cloud_cache_bytes", "Guidance cache size.")
         entries.add_metric([], cache["bytes"])
         yield entries
-        totals = svc.ledger.totals()  # type: ignore[attr-defined]
+        totals = svc.ledger.recorded  # type: ignore[attr-defined]  # this process's rows (counters per replica)
         cost = CounterMetricFamily("gkt_cloud_cost_dollars", "Teacher cost of all guidance, priced by the ledger.")
         cost.add_metric([], totals.cost)
         yield cost

@@ -1,8 +1,10 @@
 """The guidance service: turns a teacher generation into frames, a JSON result, or a batch.
 
-Before the engine: the per-key rate limit (429), the guidance cache (a hit replays without the engine) and
-admission (bounded in-flight work and queue, 503). Every answer is priced by the ledger; the cost travels in
-the done frame and the JSON result.
+Before the engine: the ledger's health (503 while its database is down), the per-key rate limit (429), a
+replay of an answer already billed under the caller's ``Idempotency-Key``, the guidance cache (a hit replays
+without the engine) and admission (bounded in-flight work and queue, 503). Every answer is priced by the
+ledger and its row committed before the done frame is sent; the cost travels in the done frame and the JSON
+result.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -18,14 +21,15 @@ from cloud_service.admission import Admission
 from cloud_service.cache import CachedGuidance, GuidanceCache
 from cloud_service.deadline import bounded, cancel
 from cloud_service.engine import Generation, Item, Stream, TeacherEngine
-from cloud_service.ledger import Ledger
+from cloud_service.ledger import Charge, Ledger
+from cloud_service.ledger_db import LedgerStore, default_url
 from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
-from shared.auth import RateLimiter
 from shared.cost import TeacherRates
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
 from shared.lifecycle import Lifecycle
+from shared.logs import REQUEST_ID
 from shared.protocol import (
     BatchGuidanceRequest,
     BatchGuidanceResponse,
@@ -42,6 +46,7 @@ from shared.protocol import (
     Usage,
     encode_frame,
 )
+from shared.ratelimit import RateLimiter
 
 log = logging.getLogger("gkt.cloud")
 
@@ -55,18 +60,21 @@ class GuidanceService:
         settings: CloudSettings,
         metrics: CloudMetrics | None = None,
         lifecycle: Lifecycle | None = None,
+        store: LedgerStore | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics or CloudMetrics()
         self.lifecycle = lifecycle or Lifecycle()
         self.admission = Admission(settings.max_in_flight, settings.max_waiting, settings.queue_timeout_s)
-        self.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
+        redis = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst, redis,
+                                   on_outage=settings.rate_limit_on_outage, namespace="gkt-cloud")
         self.cache = GuidanceCache(settings.cache_max_entries, settings.cache_max_bytes)
         self.ledger = Ledger(TeacherRates(
             currency=settings.currency, input_per_mtok=settings.price_input_per_mtok,
             output_per_mtok=settings.price_output_per_mtok, accelerator_per_hour=settings.price_accelerator_per_hour,
-        ))
+        ), store or ledger_store(settings))
 
     def _check(self, request: GuidanceRequest) -> None:
         if request.max_tokens > self.settings.max_guidance_tokens:
@@ -77,28 +85,42 @@ class GuidanceService:
             )
 
     async def open(
-        self, request: GuidanceRequest, tenant: str, *, route: str = "guidance", rate: bool = True
+        self, request: GuidanceRequest, tenant: str, *, route: str = "guidance", rate: bool = True,
+        idempotency_key: str | None = None,
     ) -> Stream:
         """Validate, limit, admit and start; errors here become an HTTP status (nothing has been sent yet).
 
         The generation is bounded by the caller's budget (``timeout_ms``, at most ``request_timeout_s``) and
         observed by the metrics. Whoever holds the stream closes it (``aclose``, idempotent), which stops the
-        engine and frees the admission slot, whether or not the response body ever started."""
+        engine and frees the admission slot, whether or not the response body ever started.
+        ``idempotency_key``: the caller's key for this answer; a retry with it is replayed from the ledger
+        instead of generated and billed again."""
         budget = self.settings.request_timeout_s
         if request.timeout_ms is not None:
             budget = min(budget, request.timeout_ms / 1000)
         deadline = time.monotonic() + budget
+        charge = Charge(tenant, idempotency_key or uuid.uuid4().hex, REQUEST_ID.get(), self.engine.model_name)
         try:
             self._check(request)
+            self.ledger.check()
             if rate:
-                self.limiter.take(tenant)
+                await self.limiter.take(tenant)
+            if idempotency_key is not None and (prior := await self.ledger.answered(tenant, idempotency_key)):
+                if prior["answer"] is not None:
+                    return Stream(_replay(CachedGuidance.from_json(prior["answer"]))).then(self.metrics.observe, route)
             key = self.cache.key(self.engine.model_name, request)
             if key is not None and (hit := self.cache.get(key)) is not None:
-                self.ledger.record_hit(tenant)
+                replayed = replace(hit.result, cached_prompt_tokens=hit.result.prompt_tokens)  # no engine read it
+                await self.ledger.record(charge, replayed, cached=True, answer=hit.to_json())
                 return Stream(_replay(hit)).then(self.metrics.observe, route)
             waited = await self.admission.enter()
+
+            def on_result(result: GenerationResult) -> None:
+                if result.finish_reason == "cancelled":  # nobody will see a done frame: bill in the background
+                    self.ledger.record_soon(charge, result)
+
             try:
-                generation = await self.engine.open(request, lambda result: self.ledger.record(tenant, result))
+                generation = await self.engine.open(request, on_result)
             except BaseException:
                 self.admission.release()
                 raise
@@ -107,24 +129,29 @@ class GuidanceService:
             raise
         return (
             Stream(generation).on_close(self.admission.release)
-            .then(self._admitted, waited, key).then(bounded, deadline).then(self.metrics.observe, route)
+            .then(self._admitted, waited, key, charge).then(bounded, deadline).then(self.metrics.observe, route)
         )
 
-    async def _admitted(self, generation: Generation, waited: float, key: str | None) -> AsyncGenerator[Item, None]:
-        """The engine's generation; completed answers are cached (the stream's owner frees the slot)."""
+    async def _admitted(
+        self, generation: Generation, waited: float, key: str | None, charge: Charge
+    ) -> AsyncGenerator[Item, None]:
+        """The engine's generation; each result is billed (committed) before it is passed on, completed answers
+        are cached (the stream's owner frees the slot)."""
         pieces: list[tuple[str, int]] = []
         async for item in generation:
             if isinstance(item, GenerationResult):
                 item.queue_s += waited
+                answer = CachedGuidance(pieces, item)
+                await self.ledger.record(charge, item, answer=answer.to_json())
                 if key is not None:
                     self.cache.put(key, pieces, item)
             else:
                 pieces.append((item.text, item.tokens))
             yield item
 
-    def stats(self) -> dict[str, Any]:
-        """Plain counters of every stage, for the stats endpoint (and metrics)."""
-        totals = self.ledger.totals()
+    async def stats(self) -> dict[str, Any]:
+        """Plain counters of every stage, for the stats endpoint."""
+        totals = await self.ledger.totals()
         return {
             "model": self.engine.model_name,
             "engine": getattr(self.engine, "stats", {}),
@@ -132,6 +159,8 @@ class GuidanceService:
             "cache": self.cache.snapshot(),
             "ledger": {"currency": self.ledger.rates.currency, **vars(totals)},
             "rate_limited": dict(self.limiter.limited),
+            "rate_limit_store": {"shared": self.limiter.shared, "down": self.limiter.store_down,
+                                 "outages": self.limiter.outages, "on_outage": self.limiter.on_outage},
         }
 
     def _outcome(self, result: GenerationResult) -> GuidanceOutcome:
@@ -210,18 +239,22 @@ class GuidanceService:
             await generation.aclose()
         raise GKTError(ErrorCode.engine_error, "the teacher ended without a result")
 
-    async def batch(self, request: BatchGuidanceRequest, tenant: str) -> BatchGuidanceResponse:
+    async def batch(self, request: BatchGuidanceRequest, tenant: str,
+                    idempotency_key: str | None = None) -> BatchGuidanceResponse:
         """Every item answered or failed on its own; items run ``batch_concurrency`` at a time.
 
-        The batch is charged to the rate limit as one request per item.
+        The batch is charged to the rate limit as one request per item; item ``i`` of a batch sent with an
+        idempotency key is billed under ``<key>#<i>``.
         """
-        self.limiter.take(tenant, len(request.requests))
+        self.ledger.check()
+        await self.limiter.take(tenant, len(request.requests))
         gate = asyncio.Semaphore(self.settings.batch_concurrency)
 
         async def one(index: int, item: GuidanceRequest) -> BatchItem:
             async with gate:
                 try:
-                    gen = await self.open(item, tenant, route="batch", rate=False)
+                    key = None if idempotency_key is None else f"{idempotency_key}#{index}"
+                    gen = await self.open(item, tenant, route="batch", rate=False, idempotency_key=key)
                     return BatchItem(index=index, result=await self.collect(gen))
                 except GKTError as err:
                     info = ErrorInfo(message=err.message, type=err.code.type, code=err.code.name, param=err.param)
@@ -241,3 +274,9 @@ async def _replay(hit: CachedGuidance) -> AsyncGenerator[Item, None]:
     r = hit.result
     yield _CachedResult(**{**vars(replace(r)), "queue_s": 0.0, "prompt_s": 0.0, "generation_s": 0.0,
                            "engine_s": 0.0, "cached_prompt_tokens": r.prompt_tokens})
+
+
+def ledger_store(settings: CloudSettings) -> LedgerStore:
+    """The configured ledger database (SQLite in the cache directory unless ``database_url`` says otherwise)."""
+    url = settings.database_url.get_secret_value() if settings.database_url else default_url()
+    return LedgerStore(url, settings.database_timeout_s)

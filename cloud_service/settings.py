@@ -58,6 +58,23 @@ class CloudSettings(BaseSettings):
     )
     rate_limit_per_min: float = Field(600.0, gt=0, description="Guidance requests per minute per key (refill rate).")
     rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once before the rate applies.")
+    redis_url: SecretStr | None = Field(
+        None, description="Share the per-key rate limits of every replica in this Redis (`redis://host:port/db`); "
+        "unset: each process limits on its own (one replica).",
+    )
+    rate_limit_on_outage: Literal["open", "closed"] = Field(
+        "open", description="Redis unreachable: `open` limits each replica on its own until it is back (nobody is "
+        "refused for the outage), `closed` refuses guidance with 503 `store_unavailable` (hard quotas).",
+    )
+    database_url: SecretStr | None = Field(
+        None, description="The ledger's database, a SQLAlchemy URL: `sqlite:///path` or "
+        "`postgresql://user:password@host:port/db` (asyncpg). Default: SQLite in the cache directory "
+        "(`$XDG_CACHE_HOME/gkt/ledger.sqlite3`). Migrated (Alembic) at start-up.",
+    )
+    database_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="Longest a ledger write or query may take; then the database counts as down "
+        "(not ready) and the answer ends with an error frame instead of an unbilled done frame.",
+    )
     cache_max_entries: int = Field(1024, ge=0, description="Guidance cache entries (0 turns the cache off).")
     cache_max_bytes: int = Field(16 * 2**20, ge=0, description="Guidance cache size bound in bytes of text.")
     price_input_per_mtok: float = Field(0.50, ge=0, description="Teacher price per million prompt tokens.")

@@ -37,7 +37,7 @@ async def _answer(
     route = "chat" if kind == "chat" else "completions"
     mode = body.mode or pipeline.settings.default_mode
     try:
-        request.app.state.limiter.take(request.state.tenant)  # S5: per client key
+        await request.app.state.limiter.take(request.state.tenant)  # S5: per client key
         plan = pipeline.plan(body)
     except GKTError as err:
         metrics.rejected(route, mode, err)

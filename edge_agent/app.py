@@ -16,10 +16,11 @@ from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
-from shared.auth import RateLimiter, key_ring
+from shared.auth import key_ring
 from shared.errors import GKTError
 from shared.lifecycle import Lifecycle, watchdog
 from shared.models import resolve
+from shared.ratelimit import RateLimiter
 from shared.serve import service_app
 from shared.tls import client_context
 

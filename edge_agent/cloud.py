@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -11,7 +12,7 @@ import httpx
 
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from shared.errors import ErrorCode, GKTError, IncompleteStreamError, code_from_name
-from shared.http import REQUEST_ID_HEADER
+from shared.http import AFFINITY_HEADER, REQUEST_ID_HEADER
 from shared.logs import REQUEST_ID
 from shared.protocol import (
     PROTOCOL_HEADER,
@@ -55,12 +56,13 @@ class CloudClient:
         if not self.breaker.allow():
             raise GKTError(ErrorCode.circuit_open, "the cloud has been failing; answering without guidance")
         retry = 0
+        key = uuid.uuid4().hex  # one per call, the same on its retries: the cloud bills the call once
         while True:
             started = False
             try:
                 # aclosing: if our consumer stops early, the HTTP stream to the cloud closes now (which
                 # cancels the teacher's work there), not whenever the generator is garbage-collected.
-                async with aclosing(self._attempt(request, deadline)) as frames:
+                async with aclosing(self._attempt(request, deadline, key)) as frames:
                     async for frame in frames:
                         started = True
                         yield frame
@@ -85,14 +87,15 @@ class CloudClient:
                     self.breaker.success()
                 raise
 
-    async def _attempt(self, request: GuidanceRequest, deadline: float) -> AsyncIterator[Frame]:
+    async def _attempt(self, request: GuidanceRequest, deadline: float, key: str) -> AsyncIterator[Frame]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise GKTError(ErrorCode.timeout, "no time left for guidance")
         body = request.model_copy(update={"timeout_ms": max(1, int(remaining * 1000))}).model_dump(exclude_none=True)
-        headers = {PROTOCOL_HEADER: PROTOCOL_VERSION, "Accept": "text/event-stream"}
+        headers = {PROTOCOL_HEADER: PROTOCOL_VERSION, "Accept": "text/event-stream", "Idempotency-Key": key}
         if (rid := REQUEST_ID.get()) != "-":
             headers[REQUEST_ID_HEADER] = rid  # O2: the cloud logs this request under the client's id
+            headers[AFFINITY_HEADER] = rid  # a balancer keeps one answer's calls on one replica (its KV cache)
         base = self._client.timeout
         timeout = httpx.Timeout(connect=min(base.connect or remaining, remaining),
                                 read=min(self.read_timeout_s, remaining), write=base.write, pool=base.pool)

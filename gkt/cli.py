@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p_keys.add_argument("name", help="the caller's tenant name (letters, digits, . _ -)")
     p_keys.set_defaults(func=_keys)
 
-    from gkt import ask, config_docs, launcher, observability, testbed
+    from gkt import ask, cluster, config_docs, launcher, observability, testbed
     from gkt.bench import cli as bench
     from gkt.eval import cli as eval_cli
 
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_parser(sub)
     config_docs.add_parser(sub)
     launcher.add_parser(sub)
+    cluster.add_parser(sub)
     observability.add_parser(sub)
     testbed.add_parser(sub)
     eval_cli.add_parser(sub)

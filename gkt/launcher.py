@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from gkt.supervise import Supervisor
+
 DEFAULT_KEY_FILE = Path.home() / ".cache" / "gkt" / "local-edge.key"  # the local edge's key at the cloud
 CLIENT_KEY_FILE = Path.home() / ".cache" / "gkt" / "edge-client.key"  # a client's key at the local edge
 
@@ -53,8 +55,21 @@ class Service:
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
+    def exit_code(self) -> int | None:
+        """The process's exit status once it has exited (None while it runs or before it started)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def is_ready(self) -> bool:
+        """One readiness probe (``ready_path`` answers 200)."""
+        try:
+            return httpx.get(self.url + self.ready_path, timeout=2.0, verify=self.tls or True).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def start(self) -> Service:
         out = None
+        if self._log is not None:
+            self._log.close()  # a restart: the new process appends to the same log
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = out = open(self.log_path, "ab")
@@ -68,11 +83,8 @@ class Service:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}{self._log_hint()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0, verify=self.tls or True).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if self.is_ready():
+                return self
             time.sleep(0.2)
         raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s{self._log_hint()}")
 
@@ -186,27 +198,31 @@ def _stop(signum: int, frame: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 0 when the operator stops it (Ctrl-C, SIGTERM), 1 when a service dies on its own."""
+    """Start both, then supervise: a service that exits is restarted with backoff while the other keeps
+    serving (the edge answers alone while the cloud is away); only the operator's signal (Ctrl-C, SIGTERM)
+    stops ``gkt up``, with exit 0. A service that fails before it was ever ready is a configuration problem:
+    exit 1 at once."""
     # Both signals raise the same exception, also when SIGINT came in ignored (a background job): Ctrl-C on
     # `make run` reaches the services too, and one of them exiting first must not read as a crash.
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     cloud_env, edge_env = local_auth_env(args.key_file, args.client_key_file)
-    services: list[Service] = []  # stopped in this order: the edge first
+    cloud = cloud_service(args.cloud_port, cloud_env)
+    edge = edge_service(args.edge_port, cloud.url, edge_env)
+    services = [edge, cloud]  # stopped in this order: the edge first
     try:
-        cloud = cloud_service(args.cloud_port, cloud_env).start()
-        services.append(cloud)
-        edge = edge_service(args.edge_port, cloud.url, edge_env).start()
-        services.insert(0, edge)
-        cloud.wait_ready()
-        edge.wait_ready()
+        cloud.start()
+        edge.start()
+        try:
+            cloud.wait_ready()
+            edge.wait_ready()
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"gkt up: {exc}; stopping", file=sys.stderr)
+            return 1
         print(_banner(cloud.url, edge.url, args.key_file if cloud_env else None,
                       args.client_key_file if "GKT_EDGE_API_KEYS" in edge_env else None), flush=True)
-        while all(s.proc and s.proc.poll() is None for s in services):
-            time.sleep(0.5)
-        dead = [s.name for s in services if s.proc and s.proc.poll() is not None]
-        print(f"{', '.join(dead)} exited; stopping", file=sys.stderr)
-        return 1
+        Supervisor([cloud, edge]).run()
+        return 0
     except _Stop:
         return 0
     finally:

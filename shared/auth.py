@@ -1,4 +1,5 @@
-"""API keys (stored as SHA-256 hashes, compared in constant time) and per-key rate limits, for both services.
+"""API keys (stored as SHA-256 hashes, compared in constant time), for both services (rate limits:
+``shared/ratelimit.py``).
 
 Callers are tenants: edges calling the cloud (``GKT_CLOUD_API_KEYS``), clients calling the edge
 (``GKT_EDGE_API_KEYS``). Deny by default (S1): ``AuthMiddleware`` refuses every path except ``/health``,
@@ -14,13 +15,11 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass, field
-from time import monotonic
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.errors import ErrorCode, GKTError, error_body
+from shared.errors import ErrorCode, error_body
 
 # Probes and the Prometheus scrape; restrict /metrics at the network level where that matters.
 PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -106,34 +105,3 @@ class AuthMiddleware:
                 return
             state["tenant"] = tenant
         await self.app(scope, receive, send)
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    at: float = field(default_factory=monotonic)
-
-
-class RateLimiter:
-    """A token bucket per tenant: ``burst`` requests at once, refilled at ``per_min`` a minute (S5)."""
-
-    def __init__(self, per_min: float, burst: int) -> None:
-        self.rate = per_min / 60.0
-        self.burst = burst
-        self._buckets: dict[str, _Bucket] = {}
-        self.limited: dict[str, int] = {}  # refusals per tenant
-
-    def take(self, tenant: str, n: int = 1) -> None:
-        """Spend ``n`` requests or raise 429 with the seconds until they would be available."""
-        n = min(n, self.burst)  # a batch larger than the burst costs a full bucket, so it can still pass
-        now = monotonic()
-        b = self._buckets.setdefault(tenant, _Bucket(float(self.burst), now))
-        b.tokens = min(float(self.burst), b.tokens + (now - b.at) * self.rate)
-        b.at = now
-        if b.tokens >= n:
-            b.tokens -= n
-            return
-        self.limited[tenant] = self.limited.get(tenant, 0) + 1
-        wait = (n - b.tokens) / self.rate
-        raise GKTError(ErrorCode.rate_limited, "this key's request rate is exceeded; slow down",
-                       retry_after=max(wait, 1.0))

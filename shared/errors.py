@@ -42,6 +42,7 @@ class ErrorCode(Enum):
     timeout = ("timeout", 504, "server_error", True)
     circuit_open = ("circuit_open", 503, "server_error", True)
     draining = ("draining", 503, "server_error", True)
+    store_unavailable = ("store_unavailable", 503, "server_error", True)  # ledger database or rate-limit Redis
     protocol_error = ("protocol_error", 502, "server_error", True)
     engine_error = ("engine_error", 500, "server_error", True)
     internal_error = ("internal_error", 500, "server_error", False)

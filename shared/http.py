@@ -24,6 +24,9 @@ log = logging.getLogger("gkt.http")
 T = TypeVar("T")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Sent by the edge with every call of one answer (its request id); balancers in front of cloud replicas hash
+# on it so re-guidance and verify reach the replica that already holds the answer's KV cache (gkt cluster).
+AFFINITY_HEADER = "X-GKT-Affinity"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_CODES = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed, 413: ErrorCode.payload_too_large}
 

@@ -6,7 +6,9 @@ not a skip, so a broken setup cannot pass quietly.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,18 @@ AUTH = {"Authorization": f"Bearer {EDGE_KEY}"}
 CLIENT_KEY = new_key()
 EDGE_KEYS = {"GKT_EDGE_API_KEYS": key_entry("tests", CLIENT_KEY)}
 CLIENT_AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+# The cloud's ledger is durable (a SQLite file by default, in ~/.cache/gkt): tests never write the user's.
+# Processes started by session or module fixtures share this session's file; a test gets a file of its own
+# (``_own_ledger``), so the exact usage totals one test asserts never include another test's rows.
+_LEDGERS = Path(tempfile.mkdtemp(prefix="gkt-test-ledgers-"))
+os.environ["GKT_CLOUD_DATABASE_URL"] = f"sqlite:///{_LEDGERS / 'session.sqlite3'}"
+
+
+@pytest.fixture(autouse=True)
+def _own_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GKT_CLOUD_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
 
 
 def auth_for(service: Service) -> dict[str, str]:

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from gkt.bench import load_cli, scheduler
+from gkt.bench import cluster_load, load_cli, scheduler
 from gkt.bench.report import load_average, machine, memory_bandwidth_gbs, render, write_json
 from gkt.bench.suite import SECTIONS, Bench, BenchConfig
 from shared.models import REGISTRY, resolve
@@ -40,9 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logs", type=Path, default=Path(".bench-logs"), help="service logs")
     p.set_defaults(func=run)
     # Without a tool name `gkt bench` runs the suite above; these measure one part on its own.
-    tools = p.add_subparsers(dest="tool", title="single benchmarks", metavar="{scheduler,load}")
+    tools = p.add_subparsers(dest="tool", title="single benchmarks", metavar="{scheduler,load,cluster}")
     scheduler.add_parser(tools)
     load_cli.add_parser(tools)
+    cluster_load.add_parser(tools)
 
 
 def config(args: argparse.Namespace) -> BenchConfig:
