@@ -83,8 +83,11 @@ def agent_service(port: int, edge_target: str, remote_write_url: str, edge_name:
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "edge-agent.yml"
     config.write_text(agent_config(edge_target, remote_write_url, scrape_interval))
+    # A short flush deadline: at shutdown the agent waits that long for an unreachable receiver (1 min by
+    # default); what it could not send stays in the WAL for the next start from the same folder.
     argv = [_prometheus(), "--enable-feature=agent,expand-external-labels", f"--config.file={config}",
-            f"--storage.agent.path={workdir / 'wal'}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+            f"--storage.agent.path={workdir / 'wal'}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+            "--storage.remote.flush-deadline=5s"]
     return Service("prometheus-agent", argv, port, env={EDGE_NAME_ENV: edge_name}, ready_path="/-/ready",
                    log_path=log_path)
 

@@ -4,8 +4,9 @@ Every document is checked offline by ``kubernetes-validate`` in strict mode (unk
 the oldest Kubernetes the manifests support (1.30: ``preStop.sleep``) and the newest it knows. Then what a
 schema cannot see: the files kustomize lists are the files there are, selectors select the pods they are
 meant for, probes hit the cloud's ``/health`` and ``/ready``, the termination grace period covers the
-cloud's whole drain, every ``GKT_CLOUD_`` variable is one the cloud reads, the cloud's upstream is the
-production-stack router of the pinned release, and every Secret key the pods read is documented.
+cloud's whole drain (G1 and G2 in a cluster), every ``GKT_CLOUD_`` variable is one the cloud reads, the
+cloud's upstream is the production-stack router of the pinned release, and every Secret key the pods read
+is documented.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fleet metrics by Prometheus's own remote write (issue 19, point 5): real processes only.
+"""Fleet metrics by Prometheus's own remote write (issue 19, point 5; O1 across a fleet): real processes only.
 
 A real cloud and a real edge (SmolLM2 on both sides), Prometheus in agent mode scraping the edge and pushing
 to a central Prometheus whose remote-write receiver is on and which scrapes the cloud itself. The edge's

@@ -165,9 +165,9 @@ def test_an_edge_s_drafts_are_checked_through_the_router(edge_tier: Service) -> 
 
 
 def test_a_stopped_replica_is_passed_over(replicas: list[Service], router: Service, cloud_tier: Service) -> None:
-    """Last (it stops a replica). Right after a replica dies, before the router's health check drops it, the
-    router retries /v1 requests on the other replica but answers 502 for the /tokenize calls it sends to the
-    dead one; the cloud's verifier tries those again. Every guidance and verify call is answered."""
+    """R2 beneath the cloud; last (it stops a replica). Right after a replica dies, before the router's health
+    check drops it, the router retries /v1 requests on the other replica but answers 502 for the /tokenize
+    calls it sends to the dead one; the cloud's verifier tries those again. Every call is answered."""
     good = "".join(greedy_pieces(replicas[0])[:6])
     replicas[1].stop()
     statuses = [post(router, "/tokenize", {"model": SERVED, "prompt": PROMPT}, headers={}).status_code
