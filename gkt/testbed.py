@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -63,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
         prom = central_service(args.prometheus_port, [targets["gkt-cloud"]], work / "central", args.scrape_interval)
         agent = agent_service(free_port(), targets["gkt-edge"], f"http://127.0.0.1:{args.prometheus_port}/api/v1/write",
                               args.edge_name, work / "agent", args.scrape_interval)
-        proms = [prom.start(), agent.start()]
+        prom.start()
+        proms = [agent.start(), prom]  # stopped in this order: the agent's last push still lands
     else:
         prom = prometheus_service(args.prometheus_port, targets, work, args.scrape_interval).start()
         proms = [prom]
     services = [edge, cloud, *proms]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: no Prometheus left orphaned
     try:
         for s in (*proms, cloud, edge):
             s.wait_ready()
