@@ -8,10 +8,11 @@ STAMP := $(VENV)/.deps-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.deps-installed
+VLLM_ROUTER_STAMP := $(VLLM_VENV)/.router-installed
 VLLM_MODEL ?= smollm2-135m-instruct
 VLLM_MIN_GIB ?= 8
 
-.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm
+.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm vllm-tier
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -23,6 +24,7 @@ help:
 	@echo "make bench-vllm  the batching lines with gkt's cloud in front of vLLM on this CPU (sets vLLM up)"
 	@echo "make vllm-setup  vLLM on CPU in .venv-vllm plus a converted model (make test does this when memory allows)"
 	@echo "make test-vllm   only the vLLM tier"
+	@echo "make vllm-tier   two vLLM replicas behind vLLM's router on loopback (about 9 GiB), for GKT_CLOUD_UPSTREAM_URL"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -71,13 +73,23 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec triton
 	touch $@
 
-vllm-setup: models $(VLLM_STAMP)
+# vllm-router (vLLM's Rust router, a binary in the wheel) fronts several vLLM replicas: gkt/vllm_tier.py.
+# A stamp of its own, so that a .venv-vllm made before it gets it too.
+$(VLLM_ROUTER_STAMP): $(VLLM_STAMP)
+	$(VLLM_PY) -m pip install vllm-router==0.1.17
+	touch $@
+
+vllm-setup: models $(VLLM_STAMP) $(VLLM_ROUTER_STAMP)
 	$(VLLM_PY) deploy/vllm/convert_gguf.py \
 		"$$($(PY) -c 'from shared.models import resolve; print(resolve("$(VLLM_MODEL)"))')" \
 		.cache/vllm/models/$(VLLM_MODEL)
 
 test-vllm: vllm-setup lint
 	$(PY) -m pytest -m vllm
+
+# The teacher tier scaled out: vLLM replicas behind vllm-router (docs/VLLM.md); VLLM_TIER_ARGS="--replicas 3".
+vllm-tier: vllm-setup
+	$(PY) -m gkt vllm-tier --model $(VLLM_MODEL) $(VLLM_TIER_ARGS)
 
 # The vLLM tier runs where the machine has the memory; elsewhere it is skipped, and said so loudly.
 vllm-if-memory:

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p_keys.add_argument("name", help="the caller's tenant name (letters, digits, . _ -)")
     p_keys.set_defaults(func=_keys)
 
-    from gkt import ask, cluster, config_docs, launcher, observability, testbed
+    from gkt import ask, cluster, config_docs, launcher, observability, remote_write, testbed, vllm_tier
     from gkt.bench import cli as bench
     from gkt.eval import cli as eval_cli
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     observability.add_parser(sub)
     testbed.add_parser(sub)
     eval_cli.add_parser(sub)
+    vllm_tier.add_parser(sub)
+    remote_write.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from gkt.backing import Backing, Postgres, Redis
-from gkt.launcher import Service, _interrupt, cloud_service, edge_service, free_port, local_auth_env
+from gkt.launcher import (
+    OperatorStop,
+    Service,
+    cloud_service,
+    edge_service,
+    free_port,
+    local_auth_env,
+    stop_on_signals,
+)
 from gkt.supervise import Supervisor
 from shared.http import AFFINITY_HEADER
 
@@ -172,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     cloud_env, edge_env = local_auth_env(DEFAULT_KEY_FILE, CLIENT_KEY_FILE)
     cluster = Cluster(args.replicas, data, cloud_env, port=args.port, postgres=args.postgres)
     edge = edge_service(args.edge_port, cluster.url, edge_env, log_path=data / "edge.log")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_signals()
     try:
         cluster.start()
         edge.start().wait_ready()
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
               f"logs and ledger in {data}. Ctrl-C stops everything.", flush=True)
         Supervisor([*cluster.replicas, edge]).run()
         return 0
-    except KeyboardInterrupt:
+    except OperatorStop:
         return 0
     finally:
         edge.stop()

@@ -189,12 +189,19 @@ def local_auth_env(edge_key_file: Path, client_key_file: Path) -> tuple[dict[str
     return cloud_env, {**edge_env, **client_key_env(client_key_file)}
 
 
-class _Stop(BaseException):  # not an Exception: no broad handler on the way may swallow it
-    """The operator asked ``gkt up`` to stop (SIGINT or SIGTERM)."""
+class OperatorStop(BaseException):  # not an Exception: no broad handler on the way may swallow it
+    """The operator asked a launcher (``gkt up``, ``gkt cluster``) to stop: SIGINT or SIGTERM."""
 
 
 def _stop(signum: int, frame: object) -> None:
-    raise _Stop
+    raise OperatorStop
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise ``OperatorStop``, also when SIGINT came in ignored (a background job): Ctrl-C
+    on `make run` reaches the services too, and one of them exiting first must not read as a crash."""
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -202,10 +209,7 @@ def run(args: argparse.Namespace) -> int:
     serving (the edge answers alone while the cloud is away); only the operator's signal (Ctrl-C, SIGTERM)
     stops ``gkt up``, with exit 0. A service that fails before it was ever ready is a configuration problem:
     exit 1 at once."""
-    # Both signals raise the same exception, also when SIGINT came in ignored (a background job): Ctrl-C on
-    # `make run` reaches the services too, and one of them exiting first must not read as a crash.
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_signals()
     cloud_env, edge_env = local_auth_env(args.key_file, args.client_key_file)
     cloud = cloud_service(args.cloud_port, cloud_env)
     edge = edge_service(args.edge_port, cloud.url, edge_env)
@@ -223,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                       args.client_key_file if "GKT_EDGE_API_KEYS" in edge_env else None), flush=True)
         Supervisor([cloud, edge]).run()
         return 0
-    except _Stop:
+    except OperatorStop:
         return 0
     finally:
         # A second Ctrl-C reaches the services themselves (they stop at once); here it must not cut the

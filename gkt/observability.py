@@ -1,6 +1,7 @@
 """Prometheus scrape config and Grafana dashboards, generated from code so metric names cannot drift.
 
-``python -m gkt observability`` writes ``deploy/prometheus/prometheus.yml`` and
+``python -m gkt observability`` writes ``deploy/prometheus/prometheus.yml`` (and the edge agent's and the
+central Prometheus's remote-write configs, ``gkt/remote_write.py``) and
 ``deploy/grafana/dashboards/*.json``; a test checks the committed files equal what this module makes and
 runs every dashboard query against a real Prometheus.
 """
@@ -11,6 +12,8 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gkt import remote_write
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE_TARGETS = {"gkt-cloud": "cloud:8001", "gkt-edge": "edge:8002"}
@@ -188,6 +191,7 @@ def write(deploy: Path = DEPLOY) -> list[Path]:
     written = [deploy / "prometheus" / "prometheus.yml"]
     written[0].parent.mkdir(parents=True, exist_ok=True)
     written[0].write_text(prometheus_config(COMPOSE_TARGETS))
+    written += remote_write.write(deploy)
     for d in dashboards():
         path = deploy / "grafana" / "dashboards" / f"{d.uid}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

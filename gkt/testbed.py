@@ -1,20 +1,31 @@
 """``gkt testbed``: cloud, edge and a real Prometheus as local processes, for machines without Docker.
 
 Prometheus gets the same scrape config as the compose file (``gkt.observability.prometheus_config``), with
-the targets pointed at the local ports.
+the targets pointed at the local ports. With ``--remote-write`` the edge's metrics travel as a fleet's do
+(``gkt/remote_write.py``): an agent-mode Prometheus scrapes the edge and pushes to the central one.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from gkt.launcher import CLIENT_KEY_FILE, DEFAULT_KEY_FILE, Service, cloud_service, edge_service, local_auth_env
+from gkt.launcher import (
+    CLIENT_KEY_FILE,
+    DEFAULT_KEY_FILE,
+    Service,
+    cloud_service,
+    edge_service,
+    free_port,
+    local_auth_env,
+)
 from gkt.observability import prometheus_config
+from gkt.remote_write import agent_service, central_service
 
 
 def prometheus_service(port: int, targets: dict[str, str], workdir: Path, scrape_interval: str = "5s",
@@ -36,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edge-port", type=int, default=8002)
     p.add_argument("--prometheus-port", type=int, default=9090)
     p.add_argument("--scrape-interval", default="5s")
+    p.add_argument("--remote-write", action="store_true",
+                   help="as a fleet: Prometheus in agent mode scrapes the edge and pushes to a central Prometheus "
+                   "(remote-write receiver on --prometheus-port) that scrapes the cloud")
+    p.add_argument("--edge-name", default="local", help="with --remote-write: the edge label of its series")
     p.set_defaults(func=run)
 
 
@@ -45,10 +60,19 @@ def run(args: argparse.Namespace) -> int:
     cloud = cloud_service(args.cloud_port, cloud_env).start()
     edge = edge_service(args.edge_port, cloud.url, edge_env).start()
     targets = {"gkt-cloud": f"127.0.0.1:{args.cloud_port}", "gkt-edge": f"127.0.0.1:{args.edge_port}"}
-    prom = prometheus_service(args.prometheus_port, targets, work, args.scrape_interval).start()
-    services = [edge, cloud, prom]
+    if args.remote_write:
+        prom = central_service(args.prometheus_port, [targets["gkt-cloud"]], work / "central", args.scrape_interval)
+        agent = agent_service(free_port(), targets["gkt-edge"], f"http://127.0.0.1:{args.prometheus_port}/api/v1/write",
+                              args.edge_name, work / "agent", args.scrape_interval)
+        prom.start()
+        proms = [agent.start(), prom]  # stopped in this order: the agent's last push still lands
+    else:
+        prom = prometheus_service(args.prometheus_port, targets, work, args.scrape_interval).start()
+        proms = [prom]
+    services = [edge, cloud, *proms]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through `finally`: no Prometheus left orphaned
     try:
-        for s in (prom, cloud, edge):
+        for s in (*proms, cloud, edge):
             s.wait_ready()
         print(f"""
 gkt testbed is up (Ctrl-C stops it):

@@ -28,6 +28,8 @@ from shared.protocol import GuidanceRequest
 from shared.upstream import openai_status_error, transport_errors
 
 _CANNOT = "this cloud's teacher upstream cannot verify drafts (it needs vLLM's /tokenize and prompt_logprobs)"
+_ROOT_ATTEMPTS = 3
+_PASSED_OVER = (ErrorCode.upstream_error, ErrorCode.upstream_unavailable)  # a replica gone, not a bad request
 
 
 class UpstreamVerifier:
@@ -108,7 +110,17 @@ class UpstreamVerifier:
         return body
 
     async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
+        # vLLM's router (vllm-router) retries /v1 requests on another replica when one fails, but forwards
+        # /tokenize and /detokenize to one replica and no further: a replica that just died answers 502 there
+        # until the router's health check drops it (seconds). These calls are idempotent and cheap, and the
+        # router's next pick is another replica, so they are tried again (docs/VLLM.md).
+        for attempt in range(1, _ROOT_ATTEMPTS + 1):
+            try:
+                return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
+            except GKTError as err:
+                if attempt == _ROOT_ATTEMPTS or err.code not in _PASSED_OVER:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _send(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         with transport_errors("the teacher upstream did not answer in time", "the teacher upstream is unreachable"):
