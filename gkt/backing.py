@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 from gkt.launcher import free_port
@@ -33,7 +34,7 @@ def _wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 30
     raise TimeoutError(f"{name} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
-class Backing:
+class Backing(ABC):
     """A server process with a data directory; ``kill()`` is ``kill -9``, ``start()`` runs it again on the same
     port and data (a restart)."""
 
@@ -44,8 +45,9 @@ class Backing:
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
+    @abstractmethod
     def argv(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line (each kind of server says its own)."""
 
     def user(self) -> str | None:
         return None
