@@ -19,6 +19,7 @@ from gkt.backing import Postgres
 from shared.cost import TeacherRates
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult
+from tests.pg import private_postgres
 
 DONE = GenerationResult("stop", prompt_tokens=10, completion_tokens=5, engine_s=0.2, cached_prompt_tokens=4)
 CUT = GenerationResult("cancelled", prompt_tokens=10, completion_tokens=2, engine_s=0.1)
@@ -26,15 +27,7 @@ CUT = GenerationResult("cancelled", prompt_tokens=10, completion_tokens=2, engin
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[Postgres]:
-    if not Postgres.available():
-        pytest.skip("PostgreSQL missing: make system-deps")
-    data = Path(tempfile.mkdtemp(prefix="gkt-pg-"))
-    server = Postgres(data).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+    yield from private_postgres()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -7,10 +7,8 @@ Scenarios in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +20,7 @@ import pytest
 from gkt.backing import Postgres
 from gkt.launcher import Service, cloud_service, free_port
 from tests.conftest import AUTH
+from tests.pg import private_postgres
 from tests.scale import REPLICA_ENV, body, stream, usage
 
 pytestmark = pytest.mark.models
@@ -34,15 +33,7 @@ def cloud_on(database_url: str, log: Path, port: int | None = None) -> Service:
 
 @pytest.fixture
 def postgres() -> Iterator[Postgres]:
-    if not Postgres.available():
-        pytest.skip("PostgreSQL missing: make system-deps")
-    data = Path(tempfile.mkdtemp(prefix="gkt-pg-"))
-    server = Postgres(data).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(data, ignore_errors=True)
+    yield from private_postgres()
 
 
 def test_kill_9_mid_load_loses_no_answer_that_was_done(tmp_path: Path) -> None:
