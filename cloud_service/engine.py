@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from cloud_service.settings import CloudSettings
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
+from shared.tokenize import DetokenizeRequest, TokenizeRequest
 
 Generation = AsyncIterator[Piece | GenerationResult]
 OnResult = Callable[[GenerationResult], None]
@@ -62,6 +63,14 @@ class TeacherEngine(Protocol):
         ...
 
     async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation: ...
+
+    async def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        """``/tokenize`` with the teacher's tokenizer (shared/tokenize.py)."""
+        ...
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        """``/detokenize`` with the teacher's tokenizer."""
+        ...
 
     async def aclose(self) -> None: ...
 

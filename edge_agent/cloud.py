@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import httpx
 
@@ -84,6 +85,28 @@ class CloudClient:
                 if started:  # the consumer stopped reading a healthy stream
                     self.breaker.success()
                 raise
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One JSON call to the cloud (``/tokenize``, ``/detokenize``): its answer, or its refusal as a
+        ``GKTError``. Not retried and not counted by the breaker: nothing of an answer depends on it."""
+        if not self.breaker.allow():
+            raise GKTError(ErrorCode.circuit_open, "the cloud has been failing")
+        headers = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) != "-" else {}
+        try:
+            resp = await self._client.post(path, json=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            raise GKTError(ErrorCode.timeout, "the cloud did not answer in time") from exc
+        except httpx.TransportError as exc:
+            raise GKTError(ErrorCode.upstream_unavailable, "the cloud is unreachable") from exc
+        if resp.status_code != 200:
+            raise _refusal(resp.status_code, resp.content, resp.headers.get("retry-after"))
+        try:
+            obj = resp.json()
+        except ValueError as exc:
+            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON") from exc
+        if not isinstance(obj, dict):
+            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON")
+        return obj
 
     async def _attempt(self, request: GuidanceRequest, deadline: float) -> AsyncIterator[Frame]:
         remaining = deadline - time.monotonic()

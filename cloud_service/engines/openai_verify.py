@@ -110,7 +110,12 @@ class UpstreamVerifier:
     async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
 
-    async def _send(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def root_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A client's call to the upstream's ``/tokenize`` or ``/detokenize`` (not for a draft)."""
+        missing = GKTError(ErrorCode.not_found, f"the teacher upstream does not serve /{path}")
+        return await self._send(f"{self._root}/{path}", {"model": self._model, **body}, missing)
+
+    async def _send(self, url: str, body: dict[str, Any], missing: GKTError | None = None) -> dict[str, Any]:
         try:
             resp = await self._client.post(url, json=body)
         except httpx.TimeoutException as exc:
@@ -118,7 +123,7 @@ class UpstreamVerifier:
         except httpx.TransportError as exc:
             raise GKTError(ErrorCode.upstream_unavailable, "the teacher upstream is unreachable") from exc
         if resp.status_code in (404, 405, 501):
-            raise GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
+            raise missing or GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
         if resp.status_code >= 400:
             raise status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
         try:
