@@ -142,6 +142,6 @@ def test_generation_task_runs_unchanged_against_the_edge(
                   "which the edge refuses with a 400 until its runners implement them (issue 21 point 1); the "
                   "tokenizer side (/tokenizer_info, /tokenize, /detokenize for lm-eval's remote tokenizer) is served")
 def test_multiple_choice_task_runs_unchanged_against_the_edge(edge: str, tasks: Path, tmp_path: Path) -> None:
-    args = model_args(edge + "/v1/completions", "tokenizer_backend=remote,tokenized_requests=True")
+    args = model_args(edge + "/v1/completions", "tokenizer_backend=remote,tokenized_requests=False")
     run = lm_eval(tasks, tmp_path, "local-completions", args, "gkt_csqa_local")
     assert 0.0 <= run["results"]["acc,none"] <= 1.0 and len(run["samples"]) == len(CSQA)
