@@ -65,7 +65,7 @@ NOT_YET_HONOURED: dict[str, Callable[[Any], bool]] = {
     "best_of": lambda v: v is not None and v > 1,
     "audio": _set,
     "modalities": lambda v: _set(v) and v != ["text"],
-    "web_search_options": _set,
+    "web_search_options": lambda v: v is not None,  # {} turns web search on
     "prediction": _set,
 }
 
