@@ -13,10 +13,12 @@ from its cache, and generates from there: the token it chose instead is its firs
 one prompt pass over it instead of a decode step per token (speculative verification, over text).
 
 One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
-sampler chain (its own temperature, top_p and seed), feeds its UTF-8 decoder and stop matcher, and emits text
-to its own asyncio queue. New requests join between steps; a cancelled request (client gone) leaves at the
-next step without disturbing the others. A finished sequence's KV cache stays in its slot, so a later prompt
-that shares its prefix (few-shot exemplars) is placed in that slot and only the new suffix is evaluated.
+sampler chain (its own temperature, top_p and seed; under its grammar when it asks for structured output: one
+grammar check per token, a masked redraw when the grammar refuses the first), feeds its UTF-8 decoder and stop
+matcher, and emits text to its own asyncio queue. New requests join between steps; a cancelled request (client
+gone) leaves at the next step without disturbing the others. A finished sequence's KV cache stays in its
+slot, so a later prompt that shares its prefix (few-shot exemplars) is placed in that slot and only the new
+suffix is evaluated.
 
 The counters in ``EngineStats`` (steps, batch-size histogram, tokens) are plain numbers for the stats
 endpoint and, later, for metrics.
@@ -343,7 +345,10 @@ class BatchScheduler:
                     continue
             if samples:
                 # The last row of a sequence's rows holds its logits for the next token.
-                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, row + fed - 1)
+                last = row + fed - 1
+                grammar = seq.params.grammar
+                tok = (grammar.sample(seq.sampler, self._ctx, last) if grammar is not None
+                       else self._lc.llama_sampler_sample(seq.sampler, self._ctx, last))
                 sampled += 1
                 self._on_token(seq, tok)
         with self._stats_lock:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import httpx
 
@@ -86,6 +87,24 @@ class CloudClient:
                 if started:  # the consumer stopped reading a healthy stream
                     self.breaker.success()
                 raise
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One JSON call to the cloud (``/tokenize``, ``/detokenize``): its answer, or its refusal as a
+        ``GKTError``. Not retried and not counted by the breaker: nothing of an answer depends on it."""
+        if not self.breaker.allow():
+            raise GKTError(ErrorCode.circuit_open, "the cloud has been failing")
+        headers = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) != "-" else {}
+        with transport_errors("the cloud did not answer in time", "the cloud is unreachable"):
+            resp = await self._client.post(path, json=body, headers=headers)
+        if resp.status_code != 200:
+            raise gkt_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
+        try:
+            obj = resp.json()
+        except ValueError as exc:
+            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON") from exc
+        if not isinstance(obj, dict):
+            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON")
+        return obj
 
     async def _attempt(self, request: GuidanceRequest, deadline: float, key: str) -> AsyncIterator[Frame]:
         remaining = deadline - time.monotonic()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared.errors import ErrorCode, GKTError
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarState
 
 
 @dataclass
@@ -24,6 +27,10 @@ class GenerationParams:
     # Report each sampled token's log-probability (one pass over the vocabulary per token; off by default,
     # so the normal path does not pay for it).
     logprobs: bool = False
+    # Structured output: the grammar at the point where this generation starts (a document the guidance or a
+    # continued message began). The engine samples under it and advances it over every token it generates;
+    # the caller owns it (and may go on using it after the generation).
+    grammar: GrammarState | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from shared.cost import TeacherCost
 from shared.errors import ErrorCode, GKTError
+from shared.structured import ResponseFormat
 from shared.words import WORD_ALLOWANCE
 
 PROTOCOL_VERSION = "1"
@@ -106,6 +107,12 @@ class GuidanceRequest(SamplingParams):
         "max_tokens tokens of its own from there. The done frame says how much was kept (draft_accepted).",
     )
 
+    response_format: ResponseFormat | None = Field(
+        None, description="The answer is a document of this format (json_object, or json_schema with its "
+        "schema): the teacher writes its tokens under the format's grammar, so that the guidance is a valid "
+        "start of such a document (a final assistant message being continued is already part of it).",
+    )
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str | None) -> str | None:
@@ -120,7 +127,15 @@ class GuidanceRequest(SamplingParams):
     def _one_input(self) -> GuidanceRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.draft is not None and self.grammar is not None:
+            raise GKTError(ErrorCode.invalid_request, "a draft cannot be verified under a response_format yet",
+                           param="draft")
         return self
+
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar the guidance is written under (None: free text)."""
+        return None if self.response_format is None else self.response_format.grammar
 
     def budget(self, room: int | None = None) -> tuple[int, int | None]:
         """(max_tokens for the engine, word_end_after): k, plus the word allowance as far as ``room`` (the

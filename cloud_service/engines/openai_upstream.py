@@ -4,6 +4,11 @@ Chat requests go to ``/chat/completions`` (the upstream renders its own template
 ``/completions``. Streams ask for ``stream_options.include_usage`` so token counts come from the upstream's
 own tokenizer; servers that do not send usage get the count of streamed pieces instead.
 
+``response_format`` travels as it is (``upstream_structured``): vLLM writes under it with its structured
+outputs (xgrammar), so the guidance is a valid start of the document; the edge still checks the guidance
+against its own grammar, since another grammar engine may spell whitespace differently. For llama.cpp's
+servers (which know only ``json_object``) the GBNF grammar itself travels in their ``grammar`` field.
+
 A final assistant message is continued with vLLM's ``continue_final_message`` (and no new generation prompt).
 vLLM refuses to continue a message that ends in whitespace, so trailing whitespace is cut from the message
 and the same whitespace is dropped from the start of the continuation (``TrailingWhitespace``).
@@ -24,6 +29,7 @@ from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
+from shared.tokenize import DetokenizeRequest, TokenizeRequest
 from shared.upstream import openai_status_error, transport_errors
 from shared.words import WordEnd
 
@@ -31,9 +37,10 @@ from shared.words import WordEnd
 class OpenAITeacher:
     """Streams guidance from an OpenAI-compatible upstream over one pooled httpx client."""
 
-    def __init__(self, client: httpx.AsyncClient, model_name: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, model_name: str, structured: str = "response_format") -> None:
         self._client = client
         self.model_name = model_name
+        self._structured = structured
         root = str(client.base_url).rstrip("/")
         self._verifier = UpstreamVerifier(client, model_name, root.removesuffix("/v1"))
 
@@ -54,7 +61,7 @@ class OpenAITeacher:
         except BaseException:
             await client.aclose()
             raise
-        return cls(client, model)
+        return cls(client, model, settings.upstream_structured)
 
     @staticmethod
     async def _first_model(client: httpx.AsyncClient) -> str:
@@ -82,6 +89,16 @@ class OpenAITeacher:
             body["seed"] = request.seed
         if request.stop:
             body["stop"] = request.stop
+        if request.grammar is not None:
+            if request.continues:
+                # The upstream's grammar starts at the generated text; it cannot resume a document midway.
+                raise GKTError(ErrorCode.invalid_request, "continuing a response_format document is not "
+                               "possible through this cloud's upstream", param="response_format")
+            assert request.response_format is not None
+            if self._structured == "grammar":  # llama.cpp's servers: the very grammar the edge will continue
+                body["grammar"] = request.grammar
+            else:  # vLLM's structured outputs honour the OpenAI field on both routes
+                body["response_format"] = request.response_format.model_dump(by_alias=True)
         if request.messages is not None:
             messages = [m.model_dump() for m in request.messages]
             cut = None
@@ -177,6 +194,13 @@ class OpenAITeacher:
         finally:
             if not reported and on_result is not None:
                 on_result(result("cancelled"))  # stopped early or failed: charge what was streamed
+
+    async def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's own ``/tokenize`` (the teacher's tokenizer is the upstream's)."""
+        return await self._verifier.root_call("tokenize", request.model_dump(exclude_none=True, exclude={"model"}))
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        return await self._verifier.root_call("detokenize", {"tokens": request.tokens})
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -109,24 +109,29 @@ class UpstreamVerifier:
             body["stop"] = request.stop
         return body
 
-    async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_root(self, path: str, body: dict[str, Any], missing: GKTError | None = None) -> dict[str, Any]:
         # vLLM's router (vllm-router) retries /v1 requests on another replica when one fails, but forwards
         # /tokenize and /detokenize to one replica and no further: a replica that just died answers 502 there
         # until the router's health check drops it (seconds). These calls are idempotent and cheap, and the
         # router's next pick is another replica, so they are tried again (docs/VLLM.md).
         for attempt in range(1, _ROOT_ATTEMPTS + 1):
             try:
-                return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
+                return await self._send(f"{self._root}/{path}", {"model": self._model, **body}, missing)
             except GKTError as err:
                 if attempt == _ROOT_ATTEMPTS or err.code not in _PASSED_OVER:
                     raise
         raise AssertionError("unreachable")
 
-    async def _send(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def root_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A client's call to the upstream's ``/tokenize`` or ``/detokenize`` (not for a draft)."""
+        return await self._post_root(path, body, GKTError(ErrorCode.not_found,
+                                                          f"the teacher upstream does not serve /{path}"))
+
+    async def _send(self, url: str, body: dict[str, Any], missing: GKTError | None = None) -> dict[str, Any]:
         with transport_errors("the teacher upstream did not answer in time", "the teacher upstream is unreachable"):
             resp = await self._client.post(url, json=body)
         if resp.status_code in (404, 405, 501):
-            raise GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
+            raise missing or GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
         if resp.status_code >= 400:
             raise openai_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
         try:
