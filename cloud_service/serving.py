@@ -25,7 +25,7 @@ from cloud_service.settings import CloudSettings
 from shared.auth import RateLimiter
 from shared.cost import TeacherRates
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationResult, Piece
+from shared.generation import GenerationResult, Piece, TokenChoice
 from shared.lifecycle import Lifecycle
 from shared.protocol import (
     BatchGuidanceRequest,
@@ -39,6 +39,7 @@ from shared.protocol import (
     HeartbeatFrame,
     Timings,
     TokenFrame,
+    TokenLogprob,
     Usage,
     encode_frame,
 )
@@ -91,7 +92,8 @@ class GuidanceService:
             self._check(request)
             if rate:
                 self.limiter.take(tenant)
-            key = self.cache.key(self.engine.model_name, request)
+            # The cache keeps text only: an answer asked with its log-probabilities is always generated.
+            key = None if request.top_logprobs is not None else self.cache.key(self.engine.model_name, request)
             if key is not None and (hit := self.cache.get(key)) is not None:
                 self.ledger.record_hit(tenant)
                 return self.metrics.observe(_replay(hit), route)
@@ -178,7 +180,8 @@ class GuidanceService:
                 item = pending.result()
                 pending = None
                 if isinstance(item, Piece):
-                    yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens))
+                    yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens,
+                                                  logprobs=_logprobs(item.choices)))
                     seq += 1
                     continue
                 yield encode_frame(self._done(seq, item))
@@ -199,14 +202,18 @@ class GuidanceService:
     async def collect(self, generation: Generation) -> GuidanceResult:
         """The whole guidance as one result."""
         parts: list[str] = []
+        choices: list[TokenChoice] | None = []  # None once a piece came without them (no ids from the engine)
         try:
             async for item in generation:
                 if isinstance(item, Piece):
                     parts.append(item.text)
+                    if choices is not None:
+                        choices = None if item.choices is None else choices + item.choices
                 else:
                     done = self._done(0, item)
                     return GuidanceResult(
-                        text="".join(parts), finish_reason=done.finish_reason, model=done.model,
+                        text="".join(parts), logprobs=_logprobs(choices) if parts else None,
+                        finish_reason=done.finish_reason, model=done.model,
                         usage=done.usage, timings=done.timings, cost=done.cost, cached=done.cached,
                         draft_accepted=done.draft_accepted,
                     )
@@ -234,6 +241,12 @@ class GuidanceService:
 
         results = await asyncio.gather(*(one(i, r) for i, r in enumerate(request.requests)))
         return BatchGuidanceResponse(results=list(results))
+
+
+def _logprobs(choices: list[TokenChoice] | None) -> list[TokenLogprob] | None:
+    if choices is None:
+        return None
+    return [TokenLogprob(id=c.id, logprob=c.logprob, top=c.top) for c in choices]
 
 
 class _CachedResult(GenerationResult):

@@ -79,6 +79,7 @@ class LlamaTeacher:
         params = GenerationParams(
             max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop, word_end_after=word_end_after,
+            top_logprobs=request.top_logprobs,
         )
         stream = self.scheduler.stream(tokens, params, on_result, draft=len(draft))
         return stream if cut is None else _cut_leading(stream, cut)
@@ -92,15 +93,18 @@ async def _cut_leading(
     stream: AsyncIterator[Piece | GenerationResult], cut: TrailingWhitespace
 ) -> AsyncIterator[Piece | GenerationResult]:
     carried = 0  # tokens whose text was all cut: counted with the next piece
+    carried_choices: list = []
     try:
         async for item in stream:
             if isinstance(item, Piece):
                 text = cut.feed(item.text)
                 if not text:
                     carried += item.tokens
+                    carried_choices += item.choices or []
                     continue
-                item = Piece(text, item.tokens + carried)
-                carried = 0
+                choices = None if item.choices is None else carried_choices + item.choices
+                item = Piece(text, item.tokens + carried, choices=choices)
+                carried, carried_choices = 0, []
             yield item
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
