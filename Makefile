@@ -11,7 +11,13 @@ VLLM_STAMP := $(VLLM_VENV)/.deps-installed
 VLLM_MODEL ?= smollm2-135m-instruct
 VLLM_MIN_GIB ?= 8
 
-.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm
+# Distillation's training side (torch, transformers, peft) lives in its own virtualenv too; see gkt/distill/.
+DISTILL_VENV ?= .venv-distill
+DISTILL_PY := $(DISTILL_VENV)/bin/python
+DISTILL_STAMP := $(DISTILL_VENV)/.deps-installed
+
+.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm \
+	distill-setup
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -23,6 +29,7 @@ help:
 	@echo "make bench-vllm  the batching lines with gkt's cloud in front of vLLM on this CPU (sets vLLM up)"
 	@echo "make vllm-setup  vLLM on CPU in .venv-vllm plus a converted model (make test does this when memory allows)"
 	@echo "make test-vllm   only the vLLM tier"
+	@echo "make distill-setup  torch, transformers and peft in .venv-distill (gkt distill train/export; make test does it)"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -84,8 +91,21 @@ vllm-if-memory:
 	echo "* vLLM TIER SKIPPED: $$avail GiB available, it needs $(VLLM_MIN_GIB) GiB (tests/test_vllm.py)"; \
 	echo "************************************************************************"; fi
 
-test: models system-deps lint vllm-if-memory
+# torch first: `torch==2.13.0` resolves to the CPU build here (a bare `torch` pulls CUDA); transformers 4.57.6 is
+# what the llama.cpp converters of llama-cpp-python 0.3.36 ask for. About 2 minutes with pip's cache warm.
+$(DISTILL_STAMP):
+	$(PYTHON) -m venv $(DISTILL_VENV)
+	$(DISTILL_PY) -m pip install --quiet --upgrade pip
+	$(DISTILL_PY) -m pip install --quiet torch==2.13.0
+	$(DISTILL_PY) -m pip install --quiet transformers==4.57.6 peft==0.21.0 accelerate==1.15.0 gguf==0.19.0 \
+		sentencepiece==0.2.3 pytest==9.2.0
+	touch $@
+
+distill-setup: $(DISTILL_STAMP)
+
+test: models system-deps lint vllm-if-memory distill-setup
 	$(PY) -m pytest
+	$(DISTILL_PY) -m pytest tests_distill
 
 # Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for a remote
 # vLLM. With vLLM set up for the teacher (make bench-vllm does it), also gkt's cloud in front of vLLM on this CPU.
@@ -111,4 +131,4 @@ eval: models
 	$(PY) -m gkt eval --task $(EVAL_TASK) --data $(EVAL_DATA) -n $(N) --k $(K) --out eval-results/$(EVAL_TASK) $(EVAL_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DISTILL_VENV) .pytest_cache

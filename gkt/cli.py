@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gkt import ask, launcher, observability, testbed
     from gkt.bench import cli as bench
+    from gkt.distill import cli as distill
     from gkt.eval import cli as eval_cli
 
     ask.add_parser(sub)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     observability.add_parser(sub)
     testbed.add_parser(sub)
     eval_cli.add_parser(sub)
+    distill.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))
