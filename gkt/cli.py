@@ -44,6 +44,11 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["distill"] and args_in[1:2] in (["train"], ["export"]):
+        from gkt.distill.cli import delegate  # its arguments belong to the .venv-distill side, --help included
+
+        sys.exit(delegate(args_in[1], args_in[2:]))
     parser = argparse.ArgumentParser(prog="gkt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

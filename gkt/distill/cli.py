@@ -65,15 +65,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the prompt the priming wraps for the teacher (few_shot shows it the exemplars)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     c.set_defaults(func=collect)
-    for name, module, what in (("train", "gkt.distill.train", "LoRA training of the student (.venv-distill)"),
-                               ("export", "gkt.distill.export", "a trained adapter to GGUF (.venv-distill)")):
+    for name, what in (("train", "LoRA training of the student (.venv-distill; --help there)"),
+                       ("export", "a trained adapter to GGUF (.venv-distill; --help there)")):
         t = dsub.add_parser(name, help=what, add_help=False)
         t.add_argument("args", nargs=argparse.REMAINDER)
-        t.set_defaults(func=_delegate, module=module)
+        t.set_defaults(func=lambda a, name=name: delegate(name, a.args))
 
 
-def _delegate(args: argparse.Namespace) -> int:
-    """Run the torch side in its own environment with the same arguments."""
+DELEGATED = {"train": "gkt.distill.train", "export": "gkt.distill.export"}
+
+
+def delegate(action: str, argv: list[str]) -> int:
+    """Run the torch side (``train``, ``export``) in its own environment with the same arguments (gkt/cli.py
+    sends them here before its own parser, which would take ``--help`` for itself)."""
     python = Path(os.environ.get("GKT_DISTILL_PYTHON") or DISTILL_VENV / "bin" / "python")
     if not python.exists():
         print(f"gkt distill: {python} is missing; run `make distill-setup` first", file=sys.stderr)
@@ -81,7 +85,7 @@ def _delegate(args: argparse.Namespace) -> int:
     env = {**os.environ, "GKT_LLAMA_CPP_VERSION": importlib.metadata.version("llama-cpp-python")}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.call([str(python), "-m", args.module, *args.args], env=env)
+    return subprocess.call([str(python), "-m", DELEGATED[action], *argv], env=env)
 
 
 def _interrupt(signum: int, frame: object) -> None:
