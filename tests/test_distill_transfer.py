@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gkt.distill import transfer
-from gkt.distill.collect import teacher_logprobs
+from gkt.distill.collect import Collector, Job, lesson_text, teacher_logprobs
 from gkt.distill.priming import STRATEGIES, student_prompt, teacher_prompt
 from shared.tasks import CSQA, GSM8K, Example
 
@@ -114,3 +114,19 @@ def test_priming_wraps_only_the_teacher_prompt() -> None:
     assert "So the answer is (B)." in teacher_prompt(CSQA, choice, "ground_truth")
     with pytest.raises(ValueError, match="unknown priming strategy"):
         teacher_prompt(GSM8K, ex, "socratic")  # type: ignore[arg-type]
+
+
+def test_a_lesson_ends_with_its_answer_line_and_must_state_the_gold_answer() -> None:
+    assert lesson_text(GSM8K, " 3 + 4 = 7. The answer is 7. Let me recap: 7!") == " 3 + 4 = 7. The answer is 7."
+    assert lesson_text(GSM8K, " 7 apples.\nQ: The answer is 9.") == " 7 apples."
+    assert lesson_text(CSQA, " Ink. So the answer is (E). Also (A).") == " Ink. So the answer is (E)."
+    collector = Collector(GSM8K, "http://127.0.0.1:9", "key", max_tokens=8, top_logprobs=None, style="zero_shot",
+                          teacher_style="few_shot", vocab=None, timeout=1)
+    job = Job(Example(id="q", question="3 + 4?", gold="7"), "base")
+    result = {"model": "t", "finish_reason": "length", "usage": {}, "cost": None}
+    cut = collector.record(job, {**result, "text": " First 3, then 4, so 7"})  # cut at the budget: a guess
+    assert cut["extracted"] == "7" and cut["correct"] is False
+    kept = collector.record(job, {**result, "text": " 3 + 4 = 7. The answer is 7.\n\nMore", "finish_reason": "stop"})
+    assert kept["correct"] is True and kept["answer"] == " 3 + 4 = 7. The answer is 7."
+    assert kept["prompt"] == GSM8K.build_prompt("3 + 4?", "zero_shot") and kept["tokenizer"] == "none"
+    transfer.parse_line(json.dumps(kept))  # what the collector writes, the reader accepts

@@ -61,8 +61,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the student (registry name or GGUF) whose tokenizer decides whether top-k is kept")
     c.add_argument("--style", choices=PROMPT_STYLES, default="zero_shot",
                    help="the student's prompt, in training and at inference (default zero_shot)")
-    c.add_argument("--teacher-style", choices=PROMPT_STYLES, default="zero_shot",
-                   help="the prompt the priming wraps for the teacher (few_shot shows it the exemplars)")
+    c.add_argument("--teacher-style", choices=PROMPT_STYLES, default="few_shot",
+                   help="the prompt the priming wraps for the teacher (default few_shot: the task's usual prompt, "
+                   "whose exemplars keep the answers short and in the answer format; the student still learns "
+                   "from --style)")
     c.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     c.set_defaults(func=collect)
     for name, what in (("train", "LoRA training of the student (.venv-distill; --help there)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -116,17 +117,34 @@ class Collector:
         raise AssertionError("unreachable")
 
     def record(self, job: Job, result: dict[str, Any]) -> dict[str, Any]:
-        text: str = result["text"]
-        extracted = self.task.extract(text)
+        text = lesson_text(self.task, result["text"])
+        stated = self.task.stated_answer(text)
         state, logprobs = teacher_logprobs(text, result.get("logprobs"), self.vocab)
         return {
             "v": transfer.VERSION, "task": self.task.name, "id": job.example.id, "strategy": job.strategy,
             "prompt_style": self.style, "prompt": student_prompt(self.task, job.example, self.style),
-            "answer": text, "gold": job.example.gold, "extracted": extracted,
-            "correct": extracted == job.example.gold, "teacher": result["model"],
+            "answer": text, "gold": job.example.gold, "extracted": self.task.extract(result["text"]),
+            # A lesson must state the gold answer in the answer line: a guess of the extractor's fallback (the
+            # last number of an answer cut at the budget) would teach answers without their answer line.
+            "correct": stated == job.example.gold, "teacher": result["model"],
             "finish_reason": result["finish_reason"], "usage": result["usage"], "cost": result.get("cost"),
             "tokenizer": state, "logprobs": logprobs,
         }
+
+
+def lesson_text(task: Task, text: str) -> str:
+    """The answer up to the end of its first answer line ("... The answer is 72."): what the teacher wrote after
+    it (another question, a recap) is not part of the lesson. Unchanged when there is no answer line."""
+    text = re.split(r"\n\s*Q:", text, maxsplit=1)[0]  # an invented next question is never part of it
+    m = task.answer_is.search(text)
+    if m is None:
+        return text
+    end = m.end()
+    if text[end : end + 1] == ")":
+        end += 1
+    if text[end : end + 1] == ".":
+        end += 1
+    return text[:end]
 
 
 def plan(task: Task, data: Path, strategies: list[Strategy], n: int | None, seed: int) -> list[Job]:
