@@ -10,7 +10,7 @@ from cloud_service.engine import Generation, Item, OnResult, Stream
 from cloud_service.scheduler import BatchScheduler
 from cloud_service.settings import CloudSettings
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, Piece, TrailingWhitespace
+from shared.generation import GenerationParams, Piece, TokenChoice, TrailingWhitespace
 from shared.grammar import GrammarState
 from shared.llama import LlamaText
 from shared.models import resolve
@@ -85,6 +85,7 @@ class LlamaTeacher:
         params = GenerationParams(
             max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop, word_end_after=word_end_after, grammar=self._grammar(request),
+            top_logprobs=request.top_logprobs,
         )
         stream = Stream(self.scheduler.stream(tokens, params, on_result, draft=len(draft)))
         return stream if cut is None else stream.then(_cut_leading, cut)
@@ -120,12 +121,15 @@ class LlamaTeacher:
 
 async def _cut_leading(stream: Generation, cut: TrailingWhitespace) -> AsyncGenerator[Item, None]:
     carried = 0  # tokens whose text was all cut: counted with the next piece
+    carried_choices: list[TokenChoice] = []
     async for item in stream:
         if isinstance(item, Piece):
             text = cut.feed(item.text)
             if not text:
                 carried += item.tokens
+                carried_choices += item.choices or []
                 continue
-            item = Piece(text, item.tokens + carried)
-            carried = 0
+            choices = None if item.choices is None else carried_choices + item.choices
+            item = Piece(text, item.tokens + carried, choices=choices)
+            carried, carried_choices = 0, []
         yield item
