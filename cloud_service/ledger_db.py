@@ -112,7 +112,10 @@ class LedgerStore:
             database = make_url(self.url).database
             if database and database != ":memory:":
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            engine = create_async_engine(self.url, connect_args={"timeout": self.timeout_s})
+            # One connection: SQLite has one writer at a time anyway, and a pool that grew under load would keep
+            # its extra connections' file descriptors (database, WAL, shared memory) open for good (L1, C4).
+            engine = create_async_engine(self.url, pool_size=1, max_overflow=0,
+                                         connect_args={"timeout": self.timeout_s})
 
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
