@@ -26,7 +26,7 @@ from shared.protocol import (
     TokenFrame,
     parse_frame,
 )
-from shared.upstream import gkt_status_error, transport_errors
+from shared.upstream import gkt_status_error, json_object, transport_errors
 
 Frame = TokenFrame | HeartbeatFrame | DoneFrame
 
@@ -98,13 +98,7 @@ class CloudClient:
             resp = await self._client.post(path, json=body, headers=headers)
         if resp.status_code != 200:
             raise gkt_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
-        try:
-            obj = resp.json()
-        except ValueError as exc:
-            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON") from exc
-        if not isinstance(obj, dict):
-            raise GKTError(ErrorCode.protocol_error, "the cloud sent malformed JSON")
-        return obj
+        return json_object(resp, "the cloud")
 
     async def _attempt(self, request: GuidanceRequest, deadline: float, key: str) -> AsyncIterator[Frame]:
         remaining = deadline - time.monotonic()

@@ -25,7 +25,7 @@ from cloud_service.engine import Generation, Item, OnResult
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
-from shared.upstream import openai_status_error, transport_errors
+from shared.upstream import json_object, openai_status_error, transport_errors
 
 _CANNOT = "this cloud's teacher upstream cannot verify drafts (it needs vLLM's /tokenize and prompt_logprobs)"
 _ROOT_ATTEMPTS = 3
@@ -134,13 +134,7 @@ class UpstreamVerifier:
             raise missing or GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
         if resp.status_code >= 400:
             raise openai_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
-        try:
-            obj = resp.json()
-        except ValueError as exc:
-            raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent malformed JSON") from exc
-        if not isinstance(obj, dict):
-            raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent malformed JSON")
-        return obj
+        return json_object(resp, "the teacher upstream")
 
 
 async def _replay(piece: Piece | None, result: GenerationResult) -> AsyncGenerator[Item, None]:
