@@ -12,7 +12,19 @@ VLLM_ROUTER_STAMP := $(VLLM_VENV)/.router-installed
 VLLM_MODEL ?= smollm2-135m-instruct
 VLLM_MIN_GIB ?= 8
 
-.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm vllm-tier
+# lm-evaluation-harness, a peer client the tests run against the edge (tests/test_lmeval.py), in its own
+# virtualenv; torch first, pinned, so pip takes this machine's CPU build instead of a multi-GB CUDA one.
+LMEVAL_VENV ?= .venv-lmeval
+LMEVAL_PY := $(LMEVAL_VENV)/bin/python
+LMEVAL_STAMP := $(LMEVAL_VENV)/.deps-installed
+
+# Distillation's training side (torch, transformers, peft) lives in its own virtualenv too; see gkt/distill/.
+DISTILL_VENV ?= .venv-distill
+DISTILL_PY := $(DISTILL_VENV)/bin/python
+DISTILL_STAMP := $(DISTILL_VENV)/.deps-installed
+
+.PHONY: help setup system-deps models run testbed test lint bench bench-vllm eval clean vllm-setup vllm-if-memory test-vllm \
+	vllm-tier lmeval-setup distill-setup
 
 help:
 	@echo "make run    set up (venv, dependencies, models) and start cloud + edge on 127.0.0.1"
@@ -25,6 +37,8 @@ help:
 	@echo "make vllm-setup  vLLM on CPU in .venv-vllm plus a converted model (make test does this when memory allows)"
 	@echo "make test-vllm   only the vLLM tier"
 	@echo "make vllm-tier   two vLLM replicas behind vLLM's router on loopback (about 9 GiB), for GKT_CLOUD_UPSTREAM_URL"
+	@echo "make lmeval-setup  lm-evaluation-harness in .venv-lmeval (make test does this)"
+	@echo "make distill-setup  torch, transformers and peft in .venv-distill (gkt distill train/export; make test does it)"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "gkt needs Python 3.11+"'
@@ -84,6 +98,15 @@ vllm-setup: models $(VLLM_STAMP) $(VLLM_ROUTER_STAMP)
 		"$$($(PY) -c 'from shared.models import resolve; print(resolve("$(VLLM_MODEL)"))')" \
 		.cache/vllm/models/$(VLLM_MODEL)
 
+$(LMEVAL_STAMP):
+	$(PYTHON) -m venv $(LMEVAL_VENV)
+	$(LMEVAL_PY) -m pip install --quiet --upgrade pip
+	$(LMEVAL_PY) -m pip install torch==2.13.0
+	$(LMEVAL_PY) -m pip install "lm-eval[api]==0.4.13"
+	touch $@
+
+lmeval-setup: $(LMEVAL_STAMP)
+
 test-vllm: vllm-setup lint
 	$(PY) -m pytest -m vllm
 
@@ -99,8 +122,21 @@ vllm-if-memory:
 	echo "* vLLM TIER SKIPPED: $$avail GiB available, it needs $(VLLM_MIN_GIB) GiB (tests/test_vllm.py)"; \
 	echo "************************************************************************"; fi
 
-test: models system-deps lint vllm-if-memory
+# torch first: `torch==2.13.0` resolves to the CPU build here (a bare `torch` pulls CUDA); transformers 4.57.6 is
+# what the llama.cpp converters of llama-cpp-python 0.3.36 ask for. About 2 minutes with pip's cache warm.
+$(DISTILL_STAMP):
+	$(PYTHON) -m venv $(DISTILL_VENV)
+	$(DISTILL_PY) -m pip install --quiet --upgrade pip
+	$(DISTILL_PY) -m pip install --quiet torch==2.13.0
+	$(DISTILL_PY) -m pip install --quiet transformers==4.57.6 peft==0.21.0 accelerate==1.15.0 gguf==0.19.0 \
+		sentencepiece==0.2.3 pytest==9.2.0
+	touch $@
+
+distill-setup: $(DISTILL_STAMP)
+
+test: models system-deps lint vllm-if-memory lmeval-setup distill-setup
 	$(PY) -m pytest
+	$(DISTILL_PY) -m pytest tests_distill
 
 # Several minutes on the default models; BENCH_ARGS="--quick" for a smoke run, "--vllm-url URL" for a remote
 # vLLM. With vLLM set up for the teacher (make bench-vllm does it), also gkt's cloud in front of vLLM on this CPU.
@@ -126,4 +162,4 @@ eval: models
 	$(PY) -m gkt eval --task $(EVAL_TASK) --data $(EVAL_DATA) -n $(N) --k $(K) --out eval-results/$(EVAL_TASK) $(EVAL_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LMEVAL_VENV) $(DISTILL_VENV) .pytest_cache

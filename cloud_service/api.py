@@ -18,6 +18,7 @@ from shared.protocol import (
     GuidanceRequest,
     GuidanceResult,
 )
+from shared.tokenize import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
 
@@ -79,6 +80,18 @@ async def guidance_batch(
     """Guidance for many prompts in one call; each item has a result or an error."""
     result = await unless_disconnected(request, service.batch(body, tenant, key))
     return Response(status_code=499) if result is None else result  # C1: 499, the client left
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, service: ServiceDep) -> dict[str, Any]:
+    """The teacher's tokens for a prompt or chat, as vLLM's (and llama-server's) ``/tokenize``."""
+    return await service.engine.tokenize(body)
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> dict[str, Any]:
+    """The teacher's text for token ids, as vLLM's ``/detokenize``."""
+    return await service.engine.detokenize(body)
 
 
 @router.get("/v1/usage")

@@ -24,6 +24,7 @@ import anyio
 
 from shared.generation import GenerationResult, OnResult, Piece
 from shared.protocol import GuidanceRequest
+from shared.tokenize import DetokenizeRequest, TokenizeRequest
 
 __all__ = ["Generation", "Item", "OnResult", "Stream", "TeacherEngine"]
 
@@ -102,5 +103,13 @@ class TeacherEngine(Protocol):
         ...
 
     async def open(self, request: GuidanceRequest, on_result: OnResult | None = None) -> Generation: ...
+
+    async def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        """``/tokenize`` with the teacher's tokenizer (shared/tokenize.py)."""
+        ...
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        """``/detokenize`` with the teacher's tokenizer."""
+        ...
 
     async def aclose(self) -> None: ...

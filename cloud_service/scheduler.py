@@ -13,10 +13,12 @@ from its cache, and generates from there: the token it chose instead is its firs
 one prompt pass over it instead of a decode step per token (speculative verification, over text).
 
 One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
-sampler chain (its own temperature, top_p and seed), feeds its UTF-8 decoder and stop matcher, and emits text
-to its own asyncio queue. New requests join between steps; a cancelled request (client gone) leaves at the
-next step without disturbing the others. A finished sequence's KV cache stays in its slot, so a later prompt
-that shares its prefix (few-shot exemplars) is placed in that slot and only the new suffix is evaluated.
+sampler chain (its own temperature, top_p and seed; under its grammar when it asks for structured output: one
+grammar check per token, a masked redraw when the grammar refuses the first), feeds its UTF-8 decoder and stop
+matcher, and emits text to its own asyncio queue. New requests join between steps; a cancelled request (client
+gone) leaves at the next step without disturbing the others. A finished sequence's KV cache stays in its
+slot, so a later prompt that shares its prefix (few-shot exemplars) is placed in that slot and only the new
+suffix is evaluated.
 
 The counters in ``EngineStats`` (steps, batch-size histogram, tokens) are plain numbers for the stats
 endpoint and, later, for metrics.
@@ -35,7 +37,15 @@ from time import perf_counter
 from typing import Any
 
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationParams, GenerationResult, OnResult, Piece, StopMatcher, common_prefix
+from shared.generation import (
+    GenerationParams,
+    GenerationResult,
+    OnResult,
+    Piece,
+    StopMatcher,
+    TokenChoice,
+    common_prefix,
+)
 from shared.llama import WorkerStream, model_pointer
 from shared.logs import REQUEST_ID, request_context
 from shared.words import WordEnd
@@ -98,6 +108,7 @@ class _Seq:
     read: int = 0  # prompt + draft tokens as submitted (``tokens`` is cut back at a rejected draft token)
     accepted: int = 0  # draft tokens the teacher would have written itself
     accepted_text: str | None = None  # their text (None: no draft, or not verified yet)
+    choices: list[TokenChoice] = field(default_factory=list)  # top_logprobs of tokens not emitted yet
 
     @property
     def base(self) -> int:
@@ -343,9 +354,12 @@ class BatchScheduler:
                     continue
             if samples:
                 # The last row of a sequence's rows holds its logits for the next token.
-                tok = self._lc.llama_sampler_sample(seq.sampler, self._ctx, row + fed - 1)
+                last = row + fed - 1
+                grammar = seq.params.grammar
+                tok = (grammar.sample(seq.sampler, self._ctx, last) if grammar is not None
+                       else self._lc.llama_sampler_sample(seq.sampler, self._ctx, last))
                 sampled += 1
-                self._on_token(seq, tok)
+                self._on_token(seq, tok, last)
         with self._stats_lock:
             st = self.stats
             st.steps += 1
@@ -390,7 +404,19 @@ class BatchScheduler:
         accepted = seq.tokens[seq.base : seq.base + seq.accepted]
         seq.accepted_text = seq.decoder.decode(b"".join(self._detokenize(t) for t in accepted))
 
-    def _on_token(self, seq: _Seq, tok: int) -> None:
+    def _top(self, row: int, tok: int, k: int) -> TokenChoice:
+        """The sampled token's log-probability and the k most likely tokens, from the row's raw logits (the
+        sampler works on a copy, so temperature and top-p have not touched them)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
+        peak = float(logits.max())
+        lse = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        best = np.argpartition(-logits, k)[:k] if k else np.empty(0, dtype=np.int64)
+        best = best[np.argsort(-logits[best], kind="stable")]
+        return TokenChoice(tok, float(logits[tok]) - lse, [(int(i), float(logits[i]) - lse) for i in best])
+
+    def _on_token(self, seq: _Seq, tok: int, row: int | None = None) -> None:
         if seq.t_first is None:
             seq.t_first = perf_counter()
         if self._is_eog(tok):
@@ -401,11 +427,13 @@ class BatchScheduler:
         if seq.word_end is not None and seq.word_end.stop_before(raw):
             self._finish(seq, "length")  # this token opens the next word: generated, not sent
             return
+        if seq.params.top_logprobs is not None and row is not None:
+            seq.choices.append(self._top(row, tok, seq.params.top_logprobs))
         seq.pending += 1
         assert seq.stops is not None
         text, hit = seq.stops.feed(raw)
         if text:
-            seq.emit(Piece(text, seq.pending))
+            seq.emit(Piece(text, seq.pending, choices=self._take_choices(seq)))
             seq.pending = 0
         if hit:
             self._finish(seq, "stop")
@@ -413,6 +441,13 @@ class BatchScheduler:
             self._finish(seq, "length")
         else:
             seq.next_token = tok
+
+    @staticmethod
+    def _take_choices(seq: _Seq) -> list[TokenChoice] | None:
+        if seq.params.top_logprobs is None:
+            return None
+        taken, seq.choices = seq.choices, []
+        return taken
 
     def _result(self, seq: _Seq, finish: str) -> GenerationResult:
         t_end = perf_counter()
@@ -446,7 +481,7 @@ class BatchScheduler:
     def _finish(self, seq: _Seq, finish: str) -> None:
         assert seq.stops is not None
         if finish == "length" and (tail := seq.stops.flush()):
-            seq.emit(Piece(tail, seq.pending))
+            seq.emit(Piece(tail, seq.pending, choices=self._take_choices(seq)))
         # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
         self._release(seq)
         with self._stats_lock:

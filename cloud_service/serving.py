@@ -27,7 +27,7 @@ from cloud_service.metrics import CloudMetrics
 from cloud_service.settings import CloudSettings
 from shared.cost import TeacherRates
 from shared.errors import ErrorCode, GKTError
-from shared.generation import GenerationResult, Piece
+from shared.generation import GenerationResult, Piece, TokenChoice
 from shared.lifecycle import Lifecycle
 from shared.logs import REQUEST_ID
 from shared.protocol import (
@@ -43,6 +43,7 @@ from shared.protocol import (
     HeartbeatFrame,
     Timings,
     TokenFrame,
+    TokenLogprob,
     Usage,
     encode_frame,
 )
@@ -105,10 +106,15 @@ class GuidanceService:
             self.ledger.check()
             if rate:
                 await self.limiter.take(tenant)
-            if idempotency_key is not None and (prior := await self.ledger.answered(tenant, idempotency_key)):
+            # The cache and the ledger's replay keep text only: an answer asked with its log-probabilities is
+            # always generated (a retried one is still billed once: the ledger keeps the first row).
+            text_only = request.top_logprobs is None
+            if text_only and idempotency_key is not None and (
+                prior := await self.ledger.answered(tenant, idempotency_key)
+            ):
                 if prior["answer"] is not None:
                     return Stream(_replay(CachedGuidance.from_json(prior["answer"]))).then(self.metrics.observe, route)
-            key = self.cache.key(self.engine.model_name, request)
+            key = self.cache.key(self.engine.model_name, request) if text_only else None
             if key is not None and (hit := self.cache.get(key)) is not None:
                 replayed = replace(hit.result, cached_prompt_tokens=hit.result.prompt_tokens)  # no engine read it
                 await self.ledger.record(charge, replayed, cached=True, answer=hit.to_json())
@@ -206,7 +212,8 @@ class GuidanceService:
                 item = pending.result()
                 pending = None
                 if isinstance(item, Piece):
-                    yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens))
+                    yield encode_frame(TokenFrame(seq=seq, text=item.text, tokens=item.tokens,
+                                                  logprobs=_logprobs(item.choices)))
                     seq += 1
                     continue
                 terminal = DoneFrame(seq=seq, **dict(self._outcome(item)))
@@ -229,12 +236,16 @@ class GuidanceService:
     async def collect(self, generation: Generation) -> GuidanceResult:
         """The whole guidance as one result."""
         parts: list[str] = []
+        choices: list[TokenChoice] | None = []  # None once a piece came without them (no ids from the engine)
         try:
             async for item in generation:
                 if isinstance(item, Piece):
                     parts.append(item.text)
+                    if choices is not None:
+                        choices = None if item.choices is None else choices + item.choices
                 else:
-                    return GuidanceResult(text="".join(parts), **dict(self._outcome(item)))
+                    return GuidanceResult(text="".join(parts), logprobs=_logprobs(choices) if parts else None,
+                                          **dict(self._outcome(item)))
         finally:
             await generation.aclose()
         raise GKTError(ErrorCode.engine_error, "the teacher ended without a result")
@@ -262,6 +273,12 @@ class GuidanceService:
 
         results = await asyncio.gather(*(one(i, r) for i, r in enumerate(request.requests)))
         return BatchGuidanceResponse(results=list(results))
+
+
+def _logprobs(choices: list[TokenChoice] | None) -> list[TokenLogprob] | None:
+    if choices is None:
+        return None
+    return [TokenLogprob(id=c.id, logprob=c.logprob, top=c.top) for c in choices]
 
 
 class _CachedResult(GenerationResult):

@@ -90,6 +90,11 @@ class CloudSettings(BaseSettings):
         None, description="openai: model name sent upstream (default: the first of its /models)."
     )
     upstream_api_key: SecretStr | None = Field(None, description="openai: bearer key for the upstream.")
+    upstream_structured: Literal["response_format", "grammar"] = Field(
+        "response_format", description="openai: how structured output travels upstream: the OpenAI "
+        "response_format field (vLLM's structured outputs, hosted APIs), or the GBNF grammar itself in a "
+        "`grammar` field (llama.cpp's servers; the guidance then follows exactly the edge's grammar).",
+    )
     upstream_connect_timeout_s: float = Field(5.0, gt=0, le=300, description="openai: connect timeout.")
     upstream_read_timeout_s: float = Field(120.0, gt=0, le=3600, description="openai: per-read timeout.")
     max_guidance_tokens: int = Field(2048, ge=1, le=32768, description="Upper bound on k per request.")

@@ -13,6 +13,7 @@ from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.responses import Envelope, Kind, collect, stream
 from shared.errors import GKTError
 from shared.http import unless_disconnected
+from shared.tokenize import DetokenizeRequest, LlamaVocabulary, TokenizeRequest, detokenize, tokenize
 
 router = APIRouter()
 
@@ -72,6 +73,36 @@ async def chat_completions(
 async def completions(request: Request, body: CompletionRequest, pipeline: PipelineDep, metrics: MetricsDep) -> Any:
     """OpenAI text completions of a raw prompt; same extensions as chat."""
     return await _answer(request, pipeline, metrics, body, "completion")
+
+
+@router.post("/tokenize")
+async def tokenize_route(body: TokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
+    """The student's tokens, as vLLM's (and llama-server's) ``/tokenize``."""
+    return tokenize(LlamaVocabulary(pipeline.student), body)
+
+
+@router.post("/detokenize")
+async def detokenize_route(body: DetokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
+    """The student's text for token ids, as vLLM's ``/detokenize``."""
+    return detokenize(LlamaVocabulary(pipeline.student), body)
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(pipeline: PipelineDep) -> dict[str, Any]:
+    """The student's special tokens and chat template, as vLLM's ``/tokenizer_info``."""
+    return LlamaVocabulary(pipeline.student).info()
+
+
+@router.post("/teacher/tokenize")
+async def teacher_tokenize(body: TokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
+    """The teacher's tokens, from the cloud's ``/tokenize``."""
+    return await pipeline.cloud.post("/tokenize", body.model_dump(exclude_unset=True))
+
+
+@router.post("/teacher/detokenize")
+async def teacher_detokenize(body: DetokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
+    """The teacher's text for token ids, from the cloud's ``/detokenize``."""
+    return await pipeline.cloud.post("/detokenize", body.model_dump(exclude_unset=True))
 
 
 @router.get("/v1/models")

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import httpx
 
@@ -25,7 +26,7 @@ from shared.protocol import (
     TokenFrame,
     parse_frame,
 )
-from shared.upstream import gkt_status_error, transport_errors
+from shared.upstream import gkt_status_error, json_object, transport_errors
 
 Frame = TokenFrame | HeartbeatFrame | DoneFrame
 
@@ -86,6 +87,18 @@ class CloudClient:
                 if started:  # the consumer stopped reading a healthy stream
                     self.breaker.success()
                 raise
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One JSON call to the cloud (``/tokenize``, ``/detokenize``): its answer, or its refusal as a
+        ``GKTError``. Not retried and not counted by the breaker: nothing of an answer depends on it."""
+        if not self.breaker.allow():
+            raise GKTError(ErrorCode.circuit_open, "the cloud has been failing")
+        headers = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) != "-" else {}
+        with transport_errors("the cloud did not answer in time", "the cloud is unreachable"):
+            resp = await self._client.post(path, json=body, headers=headers)
+        if resp.status_code != 200:
+            raise gkt_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
+        return json_object(resp, "the cloud")
 
     async def _attempt(self, request: GuidanceRequest, deadline: float, key: str) -> AsyncIterator[Frame]:
         remaining = deadline - time.monotonic()

@@ -44,6 +44,11 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in[:1] == ["distill"] and args_in[1:2] in (["train"], ["export"]):
+        from gkt.distill.cli import delegate  # its arguments belong to the .venv-distill side, --help included
+
+        sys.exit(delegate(args_in[1], args_in[2:]))
     parser = argparse.ArgumentParser(prog="gkt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gkt import ask, cluster, config_docs, launcher, observability, remote_write, testbed, vllm_tier
     from gkt.bench import cli as bench
+    from gkt.distill import cli as distill
     from gkt.eval import cli as eval_cli
 
     ask.add_parser(sub)
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_cli.add_parser(sub)
     vllm_tier.add_parser(sub)
     remote_write.add_parser(sub)
+    distill.add_parser(sub)
 
     args = parser.parse_args(argv)
     sys.exit(args.func(args))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from shared.errors import ErrorCode, GKTError
+
+if TYPE_CHECKING:
+    from shared.grammar import GrammarState
 
 
 @dataclass
@@ -24,6 +27,23 @@ class GenerationParams:
     # Report each sampled token's log-probability (one pass over the vocabulary per token; off by default,
     # so the normal path does not pay for it).
     logprobs: bool = False
+    # Structured output: the grammar at the point where this generation starts (a document the guidance or a
+    # continued message began). The engine samples under it and advances it over every token it generates;
+    # the caller owns it (and may go on using it after the generation).
+    grammar: GrammarState | None = None
+    # Report each sent token's id, log-probability and the ``top_logprobs`` most likely tokens with theirs
+    # (``TokenChoice``); None is off, 0 gives the sent tokens' own only. What a distillation's transfer set keeps
+    # of the teacher's distribution.
+    top_logprobs: int | None = None
+
+
+class TokenChoice(NamedTuple):
+    """One generated token in the engine's vocabulary: its id, its natural-log probability under the model
+    (before temperature and top-p) and the most likely tokens at that step as (id, log-probability), best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -35,6 +55,9 @@ class Piece:
     # Natural-log probability of each of the ``tokens`` sampled tokens under the model (before temperature and
     # top-p), when ``GenerationParams.logprobs`` asked for them.
     logprobs: list[float] | None = None
+    # The tokens behind ``text`` with their top alternatives, when ``GenerationParams.top_logprobs`` asked for
+    # them. When a stop sequence ends the generation, the last piece may list tokens whose text the stop removed.
+    choices: list[TokenChoice] | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from shared.cost import TeacherCost
 from shared.errors import ErrorCode, GKTError
+from shared.structured import ResponseFormat
 from shared.words import WORD_ALLOWANCE
 
 PROTOCOL_VERSION = "1"
@@ -20,6 +21,7 @@ PROTOCOL_HEADER = "X-GKT-Protocol"
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_DRAFT_CHARS = 8192
+MAX_TOP_LOGPROBS = 20
 
 
 def check_text(value: str, field: str) -> str:
@@ -106,6 +108,18 @@ class GuidanceRequest(SamplingParams):
         "max_tokens tokens of its own from there. The done frame says how much was kept (draft_accepted).",
     )
 
+    response_format: ResponseFormat | None = Field(
+        None, description="The answer is a document of this format (json_object, or json_schema with its "
+        "schema): the teacher writes its tokens under the format's grammar, so that the guidance is a valid "
+        "start of such a document (a final assistant message being continued is already part of it).",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Return, for every token written, its id and log-probability in the teacher's vocabulary and "
+        "the ids and log-probabilities of this many most likely tokens (a distillation's transfer set; the ids "
+        "mean something only to a model with the teacher's tokenizer). Not with a draft; never cached.",
+    )
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: str | None) -> str | None:
@@ -120,7 +134,17 @@ class GuidanceRequest(SamplingParams):
     def _one_input(self) -> GuidanceRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if self.draft is not None and self.grammar is not None:
+            raise GKTError(ErrorCode.invalid_request, "a draft cannot be verified under a response_format yet",
+                           param="draft")
+        if self.top_logprobs is not None and self.draft is not None:
+            raise ValueError("top_logprobs cannot be combined with a draft")
         return self
+
+    @property
+    def grammar(self) -> str | None:
+        """The GBNF grammar the guidance is written under (None: free text)."""
+        return None if self.response_format is None else self.response_format.grammar
 
     def budget(self, room: int | None = None) -> tuple[int, int | None]:
         """(max_tokens for the engine, word_end_after): k, plus the word allowance as far as ``room`` (the
@@ -156,6 +180,15 @@ class Timings(BaseModel):
 FinishReason = Literal["length", "stop"]
 
 
+class TokenLogprob(BaseModel):
+    """One token the teacher wrote (``top_logprobs`` requests): its id and natural-log probability in the
+    teacher's vocabulary, and the most likely tokens at that step as [id, log-probability], best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 class TokenFrame(BaseModel):
     """Text of one or more teacher tokens (more than one only when a character spans tokens)."""
 
@@ -163,6 +196,9 @@ class TokenFrame(BaseModel):
     seq: int
     text: str
     tokens: int = 1
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With top_logprobs: the tokens behind this text. The last frame before a stop may "
+        "list tokens whose text the stop sequence removed.")
 
 
 class HeartbeatFrame(BaseModel):
@@ -227,6 +263,9 @@ _FRAME = TypeAdapter(Frame)
 
 class _ResultHead(BaseModel):
     text: str
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="With top_logprobs: every token written, in order (see TokenFrame.logprobs); None when "
+        "the engine could not name the tokens' ids.")
 
 
 class GuidanceResult(GuidanceOutcome, _ResultHead):

@@ -1,9 +1,11 @@
 """Few-shot tasks from the GKT paper: GSM8K (8-shot chain of thought) and CommonsenseQA (7-shot).
 
-A task turns a question into a raw few-shot prompt (plain completion scored better than wrapping the same
-prompt in a chat template on the small models here), names its stop sequences, and extracts and scores the
-final answer. The exemplars are the chain-of-thought ones of Wei et al. (2022); the CommonsenseQA fox
-exemplar's label is corrected to (C).
+A task turns a question into a raw prompt (plain completion scored better than wrapping the same prompt in a
+chat template on the small models here), names its stop sequences, and extracts and scores the final answer.
+Two prompt styles: ``few_shot`` (the exemplars, then the question: ~750 tokens on GSM8K) and ``zero_shot`` (one
+instruction line that names the answer format, then the question: ~40 tokens plus the question), the format a
+distilled student is trained on and answers in, so neither side pays for the exemplars' prefill. The exemplars
+are the chain-of-thought ones of Wei et al. (2022); the CommonsenseQA fox exemplar's label is corrected to (C).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 _GSM8K_SHOTS = [
     (
@@ -113,16 +116,27 @@ _LABELS = "ABCDEFGH"
 
 @dataclass(frozen=True)
 class Example:
-    """One dataset item: the question as the model sees it and the gold answer."""
+    """One dataset item: the question as the model sees it, the gold answer and, where the dataset has one, the
+    gold solution written in the task's answer format (the lesson of plain fine-tuning)."""
 
     id: str
     question: str
     gold: str
+    solution: str | None = None
+
+
+PromptStyle = Literal["few_shot", "zero_shot"]
+PROMPT_STYLES: tuple[PromptStyle, ...] = ("few_shot", "zero_shot")
 
 
 def _few_shot(shots: list[tuple[str, str]], question: str) -> str:
     head = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in shots)
     return f"{head}Q: {question.strip()}\nA:"
+
+
+def _zero_shot(instruction: str, question: str) -> str:
+    # The same "Q: ...\nA:" frame as the exemplars, so the stop sequences and extraction are the same.
+    return f"{instruction}\n\nQ: {question.strip()}\nA:"
 
 
 def _cut_at_next_question(text: str) -> str:
@@ -157,6 +171,17 @@ def extract_gsm8k(text: str) -> str | None:
         return normalize_number(m.group(1))
     numbers = _ANY_NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_solution(answer: str, gold: str) -> str:
+    """A GSM8K solution in the exemplars' format: calculator annotations dropped, lines joined, and the
+    '#### N' line replaced by 'The answer is N.'"""
+    body = _CALCULATOR.sub("", answer.rsplit("####", 1)[0]).strip()
+    steps = " ".join(line.strip() for line in body.splitlines() if line.strip())
+    return f"{steps} The answer is {gold}." if steps else f"The answer is {gold}."
 
 
 def gsm8k_gold(answer: str) -> str:
@@ -204,8 +229,14 @@ class Task:
     parse_line: Callable[[dict], Example]
     answer_is: re.Pattern[str]
     normalize: Callable[[str], str | None]
+    instruction: str  # the zero-shot prompt's one line: what to do and the answer line's format
+    answer_line: Callable[[str], str]  # gold -> the answer line ("The answer is 8.")
 
-    def build_prompt(self, question: str) -> str:
+    def build_prompt(self, question: str, style: PromptStyle = "few_shot") -> str:
+        if style == "zero_shot":
+            return _zero_shot(self.instruction, question)
+        if style != "few_shot":
+            raise ValueError(f"unknown prompt style {style!r}; expected one of {', '.join(PROMPT_STYLES)}")
         return _few_shot(list(self.shots), question)
 
     def is_exemplar(self, question: str) -> bool:
@@ -235,7 +266,8 @@ def _gsm8k_line(obj: dict) -> Example:
     question = obj["question"]
     # GSM8K lines carry no id: a content hash is stable across runs (resumable evaluations rely on it).
     qid = str(obj.get("id") or hashlib.sha1(question.encode("utf-8")).hexdigest()[:16])
-    return Example(id=qid, question=question, gold=gsm8k_gold(obj["answer"]))
+    gold = gsm8k_gold(obj["answer"])
+    return Example(id=qid, question=question, gold=gold, solution=gsm8k_solution(obj["answer"], gold))
 
 
 def _csqa_line(obj: dict) -> Example:
@@ -253,6 +285,9 @@ GSM8K = Task(
     parse_line=_gsm8k_line,
     answer_is=_ANSWER_IS,
     normalize=normalize_number,
+    instruction='Answer the math question. Reason step by step, then end with "The answer is N." where N is '
+    "the final number.",
+    answer_line=lambda gold: f"The answer is {gold}.",
 )
 
 CSQA = Task(
@@ -263,6 +298,9 @@ CSQA = Task(
     parse_line=_csqa_line,
     answer_is=_CSQA_ANSWER_IS,
     normalize=str.upper,
+    instruction='Answer the multiple-choice question. Reason in a sentence or two, then end with "So the answer '
+    'is (X)." where X is the letter of the best choice.',
+    answer_line=lambda gold: f"So the answer is ({gold}).",
 )
 
 TASKS: dict[str, Task] = {t.name: t for t in (GSM8K, CSQA)}

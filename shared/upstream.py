@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -72,3 +73,15 @@ def gkt_status_error(status: int, raw: bytes, retry_after: str | None) -> GKTErr
         code, message = (ErrorCode.upstream_error if status >= 500 else ErrorCode.upstream_rejected,
                          f"the cloud answered HTTP {status}")
     return GKTError(code, f"cloud: {message}", retry_after=_retry_after(retry_after))
+
+
+def json_object(resp: httpx.Response, peer: str) -> dict[str, Any]:
+    """A peer's JSON object body, or ``protocol_error`` naming the peer (``"the cloud"``, ``"the teacher
+    upstream"``) when the body is not JSON or not an object."""
+    try:
+        obj = resp.json()
+    except ValueError as exc:
+        raise GKTError(ErrorCode.protocol_error, f"{peer} sent malformed JSON") from exc
+    if not isinstance(obj, dict):
+        raise GKTError(ErrorCode.protocol_error, f"{peer} sent malformed JSON")
+    return obj

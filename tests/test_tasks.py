@@ -100,3 +100,23 @@ def test_stated_answer_needs_the_phrase() -> None:
     assert CSQA.stated_answer(" Only a blotter absorbs ink. So the answer is (e)") == "E"
     assert CSQA.stated_answer(" Of the above choices, (A) and (B) are places.") is None
     assert CSQA.stated_answer(" x.\nQ: y? A: So the answer is (B).") is None
+
+
+def test_zero_shot_prompt_is_short_and_keeps_the_answer_format() -> None:
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    short, long = GSM8K.build_prompt(question, "zero_shot"), GSM8K.build_prompt(question)
+    assert short.endswith(f"Q: {question}\nA:") and long.endswith(f"Q: {question}\nA:")
+    assert '"The answer is N."' in short and "Q: There are 15 trees" not in short
+    assert len(short) * 6 < len(long)  # the prefill saved is the exemplars
+    assert GSM8K.extract(" 3 + 4 = 7. The answer is 7.\nQ: next") == "7"
+    assert "(X)" in CSQA.build_prompt("Where? Answer Choices: (A) here (B) there", "zero_shot")
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        GSM8K.build_prompt(question, "two_shot")  # type: ignore[arg-type]
+
+
+def test_gsm8k_solution_in_the_exemplars_format() -> None:
+    ex = next(GSM8K.load(DATA / "gsm8k" / "train.jsonl"))
+    assert ex.solution == ("Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April "
+                           "and May. The answer is 72.")
+    assert GSM8K.extract(ex.solution) == ex.gold == "72"
+    assert next(CSQA.load(DATA / "csqa" / "train.jsonl")).solution is None

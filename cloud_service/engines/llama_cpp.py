@@ -9,10 +9,13 @@ from typing import Any
 from cloud_service.engine import Generation, Item, OnResult, Stream
 from cloud_service.scheduler import BatchScheduler
 from cloud_service.settings import CloudSettings
-from shared.generation import GenerationParams, Piece, TrailingWhitespace
+from shared.errors import ErrorCode, GKTError
+from shared.generation import GenerationParams, Piece, TokenChoice, TrailingWhitespace
+from shared.grammar import GrammarState
 from shared.llama import LlamaText
 from shared.models import resolve
 from shared.protocol import GuidanceRequest
+from shared.tokenize import DetokenizeRequest, LlamaVocabulary, TokenizeRequest, detokenize, tokenize
 
 # The high-level Llama object only tokenizes and renders templates; its own context stays tiny. Decoding
 # happens in the scheduler's multi-sequence context, which shares the same loaded weights.
@@ -27,6 +30,7 @@ class LlamaTeacher:
         self.text = text
         self.scheduler = scheduler
         self.model_name = model_name
+        self.vocabulary = LlamaVocabulary(text)
 
     @classmethod
     async def load(cls, settings: CloudSettings) -> LlamaTeacher:
@@ -80,7 +84,8 @@ class LlamaTeacher:
         budget, word_end_after = request.budget(self.text.n_ctx - len(tokens))
         params = GenerationParams(
             max_tokens=budget, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, stop=request.stop, word_end_after=word_end_after,
+            seed=request.seed, stop=request.stop, word_end_after=word_end_after, grammar=self._grammar(request),
+            top_logprobs=request.top_logprobs,
         )
         stream = Stream(self.scheduler.stream(tokens, params, on_result, draft=len(draft)))
         return stream if cut is None else stream.then(_cut_leading, cut)
@@ -90,18 +95,41 @@ class LlamaTeacher:
         self.scheduler.close()
         self._llm.close()
 
+    async def tokenize(self, request: TokenizeRequest) -> dict[str, Any]:
+        return tokenize(self.vocabulary, request)  # reads only the vocabulary: safe beside the decoding thread
+
+    async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
+        return detokenize(self.vocabulary, request)
+
+    def _grammar(self, request: GuidanceRequest) -> GrammarState | None:
+        """The response format's grammar, advanced over the start of the answer a continued message holds."""
+        if request.grammar is None:
+            return None
+        state = GrammarState(self._llm, request.grammar)
+        if request.continues:
+            assert request.messages is not None
+            start = request.messages[-1].content
+            if (n := state.advance(start)) < len(start):
+                raise GKTError(ErrorCode.invalid_request, f"the final assistant message is not the start of a "
+                               f"document in the response_format (it stops being one at character {n})",
+                               param="messages")
+        return state
+
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
 
 
 async def _cut_leading(stream: Generation, cut: TrailingWhitespace) -> AsyncGenerator[Item, None]:
     carried = 0  # tokens whose text was all cut: counted with the next piece
+    carried_choices: list[TokenChoice] = []
     async for item in stream:
         if isinstance(item, Piece):
             text = cut.feed(item.text)
             if not text:
                 carried += item.tokens
+                carried_choices += item.choices or []
                 continue
-            item = Piece(text, item.tokens + carried)
-            carried = 0
+            choices = None if item.choices is None else carried_choices + item.choices
+            item = Piece(text, item.tokens + carried, choices=choices)
+            carried, carried_choices = 0, []
         yield item

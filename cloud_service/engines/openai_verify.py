@@ -25,7 +25,7 @@ from cloud_service.engine import Generation, Item, OnResult
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
-from shared.upstream import openai_status_error, transport_errors
+from shared.upstream import json_object, openai_status_error, transport_errors
 
 _CANNOT = "this cloud's teacher upstream cannot verify drafts (it needs vLLM's /tokenize and prompt_logprobs)"
 _ROOT_ATTEMPTS = 3
@@ -109,33 +109,32 @@ class UpstreamVerifier:
             body["stop"] = request.stop
         return body
 
-    async def _post_root(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post_root(self, path: str, body: dict[str, Any], missing: GKTError | None = None) -> dict[str, Any]:
         # vLLM's router (vllm-router) retries /v1 requests on another replica when one fails, but forwards
         # /tokenize and /detokenize to one replica and no further: a replica that just died answers 502 there
         # until the router's health check drops it (seconds). These calls are idempotent and cheap, and the
         # router's next pick is another replica, so they are tried again (docs/VLLM.md).
         for attempt in range(1, _ROOT_ATTEMPTS + 1):
             try:
-                return await self._send(f"{self._root}/{path}", {"model": self._model, **body})
+                return await self._send(f"{self._root}/{path}", {"model": self._model, **body}, missing)
             except GKTError as err:
                 if attempt == _ROOT_ATTEMPTS or err.code not in _PASSED_OVER:
                     raise
         raise AssertionError("unreachable")
 
-    async def _send(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def root_call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A client's call to the upstream's ``/tokenize`` or ``/detokenize`` (not for a draft)."""
+        return await self._post_root(path, body, GKTError(ErrorCode.not_found,
+                                                          f"the teacher upstream does not serve /{path}"))
+
+    async def _send(self, url: str, body: dict[str, Any], missing: GKTError | None = None) -> dict[str, Any]:
         with transport_errors("the teacher upstream did not answer in time", "the teacher upstream is unreachable"):
             resp = await self._client.post(url, json=body)
         if resp.status_code in (404, 405, 501):
-            raise GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
+            raise missing or GKTError(ErrorCode.invalid_request, _CANNOT, param="draft")
         if resp.status_code >= 400:
             raise openai_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
-        try:
-            obj = resp.json()
-        except ValueError as exc:
-            raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent malformed JSON") from exc
-        if not isinstance(obj, dict):
-            raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent malformed JSON")
-        return obj
+        return json_object(resp, "the teacher upstream")
 
 
 async def _replay(piece: Piece | None, result: GenerationResult) -> AsyncGenerator[Item, None]:

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         cloud.wait_ready()
         edge.wait_ready()
         target = Target(cloud.url, auth, max_tokens=args.max_tokens)
-        settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "tool")}
+        options = ("model", "slots", "waiting", "max_tokens", "capacity_s", "load_s", "factor", "cycles")
+        settings = {k: getattr(args, k) for k in options}  # this command's own (not `gkt bench`'s)
         results: dict = {"settings": settings | {"out": str(args.out)}, "logs": str(logs)}
         if args.load_s > 0:
             results["l1"] = asyncio.run(l1(target, {"cloud": cloud}, args.slots, args.capacity_s,

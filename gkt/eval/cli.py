@@ -27,6 +27,7 @@ from gkt.eval.stack import TIMING_MODES, local_stack, split_possible
 from gkt.launcher import CLIENT_KEY_FILE, read_key
 from shared.cost import PRICE_NAMES, PriceTable
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER
+from shared.splits import SPLITS, select
 from shared.tasks import TASKS
 
 # Long enough for the exemplars' style of answer (GSM8K teacher answers average ~117 tokens; CSQA ~35).
@@ -65,6 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="jsonl file in the dataset's usual format")
     p.add_argument("-n", "--sample", type=int, default=200, help="questions to draw (default 200)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; exemplar questions are never drawn")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="draw only from this part of the data (shared/splits.py); published results use dev, "
+                   "the questions no transfer set or training ever sees (default: the whole file)")
     p.add_argument("--k", type=_ints, default=[10, 20, 40, 80], help="guidance lengths (default 10,20,40,80)")
     p.add_argument("--modes", type=_modes, default=["teacher", "student", "gkt"],
                    help="comma-separated subset of teacher,student,gkt (default all)")
@@ -113,10 +117,10 @@ def main(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.task]
     teacher, student = model_label(args.teacher), model_label(args.student)
     order = configs(args.task, args.modes, args.k, max_tokens, teacher, student, args.policies)
-    examples = sample(task, args.data, args.sample, args.seed)
+    examples = sample(task, args.data, args.sample, args.seed, args.split)
     store = ResultStore(args.results or args.out / "results.jsonl")
     meta: dict[str, Any] = {
-        "task": args.task, "data": str(args.data), "sample": len(examples), "seed": args.seed,
+        "task": args.task, "data": str(args.data), "sample": len(examples), "seed": args.seed, "split": args.split,
         "teacher": teacher, "student": student, "max_tokens": max_tokens, "k": args.k, "modes": args.modes,
         "policies": [c.label for c in order if c.policy],
         "prices": prices.as_dict(), "command": shlex.join(["gkt", "eval", *sys.argv[2:]]) if sys.argv[1:2] == [
@@ -129,7 +133,9 @@ def main(args: argparse.Namespace) -> int:
     meta["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     meta["load_after"] = os.getloadavg()
     # The tables cover every result for this task, pair and budget whose question is in the data file.
-    pool = {e.id for e in task.load(args.data) if not task.is_exemplar(e.question)}
+    loaded = task.load(args.data)
+    pool = {e.id for e in (select(task, loaded, args.split) if args.split else loaded)
+            if not task.is_exemplar(e.question)}
     records = [r for r in store.for_task(args.task, pool)
                if (r["config"]["teacher"], r["config"]["student"], r["config"]["max_tokens"])
                == (teacher, student, max_tokens)]

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from shared.splits import Split, select
 from shared.tasks import Example, Task
 
 Mode = Literal["teacher", "student", "gkt"]
@@ -128,13 +129,14 @@ def configs(task: str, modes: list[Mode], ks: list[int], max_tokens: int, teache
     return out
 
 
-def sample(task: Task, path: str | Path, n: int, seed: int) -> list[Example]:
-    """n questions drawn with ``seed``, exemplars excluded.
+def sample(task: Task, path: str | Path, n: int, seed: int, split: Split | None = None) -> list[Example]:
+    """n questions drawn with ``seed``, exemplars excluded; only from ``split`` (shared/splits.py) when given.
 
     The whole file is shuffled with the seed and the first n taken, so a smaller sample with the same seed is a
     prefix of a larger one (rows run on different n still share their first questions).
     """
-    pool = [e for e in task.load(path) if not task.is_exemplar(e.question)]
+    examples = task.load(path)
+    pool = list(select(task, examples, split)) if split else [e for e in examples if not task.is_exemplar(e.question)]
     random.Random(seed).shuffle(pool)
     return pool[:n]
 
