@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edge_agent.policies import GuidancePolicy, policy_from
+from shared.adapters import AdapterRef
 from shared.cost import AnswerCost, TeacherCost
 from shared.protocol import ChatMessage, Timings, check_text, normalize_stop
 from shared.tasks import TASKS
@@ -191,6 +192,7 @@ class GKTInfo(BaseModel):
     cloud_error: str | None = None
     teacher_model: str | None = None
     student_model: str
+    adapter: AdapterRef | None = None  # the student's LoRA adapter when this answer started (None: the base)
     task: str | None = None
     answer: str | None = None
     usage: GKTUsage = Field(default_factory=GKTUsage)
