@@ -87,8 +87,7 @@ class LlamaEngine(LlamaText):
         self._warm.interrupt()
         async with self._lock:
             old = self._llm
-            self._llm = llm
-            self._vocab = llm._model.vocab
+            self._bind(llm)
             self._context = self._warm.context = LlamaContext(llm, self)
             self.adapter = adapter
             # What was prefilled lives in the old context: the next generation starts cold (its tokens are
