@@ -26,7 +26,7 @@ from typing import Any
 
 from edge_agent.llama_context import PREFILL_CHUNK, Emit, LlamaContext
 from edge_agent.prefill import BACKGROUND_NICE, HOT_PREFIX_MIN, WarmCache
-from shared.adapters import AdapterRef
+from shared.adapters import AdapterRef, sha256_file
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import LlamaText, WorkerStream
@@ -53,6 +53,8 @@ class LlamaEngine(LlamaText):
         self.path = Path(model_path)
         self._options = {"n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch}
         llm = self.load(lora_path, lora_scale)
+        if lora_path is not None and adapter is None:  # say which file serves, even when nobody named it
+            adapter = AdapterRef(name=Path(lora_path).stem, sha256=sha256_file(Path(lora_path)), scale=lora_scale)
         self.adapter = adapter if lora_path is not None else None
         super().__init__(llm, name or self.path.stem, llm.n_ctx())
         self.max_waiting = max_waiting
@@ -83,7 +85,8 @@ class LlamaEngine(LlamaText):
 
     async def swap(self, llm: Any, adapter: AdapterRef | None) -> None:
         """Serve ``llm`` (from ``load``) from the next generation on; the old model is freed once no thread
-        uses it. Waits for the generation or prefill that holds the context (never interrupts it)."""
+        uses it. Waits for the generation that holds the context (never interrupts it; a prefill stops at its next
+        chunk)."""
         self._warm.interrupt()
         async with self._lock:
             old = self._llm

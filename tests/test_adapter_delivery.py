@@ -89,8 +89,8 @@ def test_an_adapter_reaches_the_edge_and_is_swapped_without_dropping_an_answer(
 ) -> None:
     cloud, edge, shelf = pair
     assert serving(edge) is None  # nothing published yet: the base model serves, and the edge is ready
-    ready = httpx.get(f"{edge.url}/ready").json()
-    assert ready["status"] == "ready" and "does not serve it" in ready["adapter_problem"]
+    ready = until(lambda: (r := httpx.get(f"{edge.url}/ready").json())["adapter_problem"] and r, "a first poll")
+    assert ready["status"] == "ready" and "missing: the cloud does not serve it" in ready["adapter_problem"]
 
     # The cloud's routes need the edge's key over real HTTP too.
     first = version(shelf, seed=1)
