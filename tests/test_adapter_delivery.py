@@ -108,7 +108,7 @@ def test_an_adapter_reaches_the_edge_and_is_swapped_without_dropping_an_answer(
     started = threading.Event()
 
     def stream() -> None:
-        body = {"prompt": "Write a long story about a dragon.", "max_tokens": 120, "mode": "student",
+        body = {"prompt": "1, 2, 3, 4, 5, 6, 7,", "max_tokens": 120, "mode": "student",
                 "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{edge.url}/v1/completions", headers=CLIENT_AUTH, json=body,
                           timeout=300) as r:
@@ -128,7 +128,8 @@ def test_an_adapter_reaches_the_edge_and_is_swapped_without_dropping_an_answer(
     finish = [c["choices"][0]["finish_reason"] for c in events[:-1] if c.get("choices")]
     assert finish[-1] in ("length", "stop")
     gkt = next(c["gkt"] for c in reversed(events[:-1]) if "gkt" in c)
-    assert gkt["adapter"]["sha256"] == first and gkt["usage"]["student_tokens"] > 0
+    text = "".join(c["choices"][0]["text"] for c in events[:-1] if c.get("choices"))
+    assert gkt["adapter"]["sha256"] == first and len(text) > 20, (text, gkt)
     until(lambda: (serving(edge) or {}).get("sha256") == second, "the second version to serve")
     assert updates(edge, "swapped") == swapped + 1
     assert answer(edge)["gkt"]["adapter"]["sha256"] == second
