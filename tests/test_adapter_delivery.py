@@ -32,7 +32,7 @@ NAME = "tutor"
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service, Path]]:
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service, Path, Path]]:
     shelf = tmp_path_factory.mktemp("shelf")
     logs = tmp_path_factory.mktemp("logs")
     env = {**ONE_THREAD, **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS, "GKT_CLOUD_MODEL": MODEL, "GKT_EDGE_MODEL": MODEL,
@@ -42,7 +42,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Se
     cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
     edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()
     try:
-        yield cloud.wait_ready(), edge.wait_ready(), shelf
+        yield cloud.wait_ready(), edge.wait_ready(), shelf, logs / "edge.log"
     finally:
         edge.stop()
         cloud.stop()
@@ -85,9 +85,9 @@ def answer(edge: Service, max_tokens: int = 6) -> dict[str, Any]:
 
 
 def test_an_adapter_reaches_the_edge_and_is_swapped_without_dropping_an_answer(
-    pair: tuple[Service, Service, Path],
+    pair: tuple[Service, Service, Path, Path],
 ) -> None:
-    cloud, edge, shelf = pair
+    cloud, edge, shelf, log = pair
     assert serving(edge) is None  # nothing published yet: the base model serves, and the edge is ready
     ready = until(lambda: (r := httpx.get(f"{edge.url}/ready").json())["adapter_problem"] and r, "a first poll")
     assert ready["status"] == "ready" and "missing: the cloud does not serve it" in ready["adapter_problem"]
@@ -144,6 +144,8 @@ def test_an_adapter_reaches_the_edge_and_is_swapped_without_dropping_an_answer(
         assert ready.status_code == 200 and reason in ready.json()["adapter_problem"]
         assert serving(edge)["sha256"] == second  # type: ignore[index]
         assert answer(edge)["gkt"]["adapter"]["sha256"] == second
+        assert f"adapter {NAME}: {reason}: " in log.read_text()
+    assert f"still serving adapter {NAME} (sha256 {second[:12]})" in log.read_text()
 
     # The cloud gone: the edge keeps serving its adapter, ready, and says why it cannot update.
     cloud.stop()
