@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
+from cloud_service.adapters import AdapterShelf
+from cloud_service.adapters import router as adapters_router
 from cloud_service.api import ROUTE_LABELS, router
 from cloud_service.engine import TeacherEngine
 from cloud_service.engines import build_engine
@@ -65,6 +67,8 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
         max_body_bytes=settings.max_body_bytes, on_invalid=on_invalid,
         ready_info=lambda app: {"model": app.state.service.engine.model_name},
     )
+    app.include_router(adapters_router)
+    app.state.adapters = AdapterShelf(settings.adapter_dir)
     app.state.settings = settings
     app.state.service = None
     return app

@@ -23,6 +23,10 @@ class CloudSettings(BaseSettings):
         description="Teacher engine: `llama_cpp` (in process) or `openai` (an OpenAI-compatible upstream such as "
         "`vllm serve`, or a hosted API).",
     )
+    adapter_dir: str | None = Field(
+        None, description="LoRA adapters served to edges (`NAME.gguf` with its `NAME.gguf.json` manifest); "
+        "unset: `GET /v1/adapters` lists none.",
+    )
     model: str = Field(DEFAULT_TEACHER, description="llama_cpp: registry model name or GGUF path.")
     n_ctx: int = Field(4096, ge=256, le=131072, description="llama_cpp: context size in tokens.")
     n_threads: int = Field(

@@ -107,12 +107,20 @@ async def teacher_detokenize(body: DetokenizeRequest, pipeline: PipelineDep) -> 
 
 @router.get("/v1/models")
 async def models(pipeline: PipelineDep) -> dict[str, Any]:
-    """The student this edge serves."""
-    return {"object": "list", "data": [{"id": pipeline.student.name, "object": "model", "owned_by": "gkt"}]}
+    """The student this edge serves, with its LoRA adapter (``adapter``: null when it serves the base alone)."""
+    adapter = pipeline.student.adapter
+    return {"object": "list", "data": [{
+        "id": pipeline.student.name, "object": "model", "owned_by": "gkt",
+        "adapter": adapter.model_dump() if adapter else None,
+    }]}
 
 
 def ready_info(app: FastAPI) -> dict[str, Any]:
-    """What ``/ready`` adds when ready: the student and the cloud breaker's state (readiness never depends on
-    the cloud)."""
+    """What ``/ready`` adds when ready: the student, its adapter, why a followed adapter is not serving, and the
+    cloud breaker's state (readiness never depends on the cloud, nor on an adapter it could not deliver)."""
     pipeline = app.state.pipeline
-    return {"model": pipeline.student.name, "cloud_breaker": pipeline.cloud.breaker.state}
+    adapter = pipeline.student.adapter
+    follower = app.state.adapter_follower
+    return {"model": pipeline.student.name, "adapter": adapter.model_dump() if adapter else None,
+            "adapter_problem": follower.problem if follower else None,
+            "cloud_breaker": pipeline.cloud.breaker.state}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
 
+from edge_agent.adapters import AdapterFollower, base_sha256, startup_adapter
 from edge_agent.api import ROUTE_LABELS, ready_info, router
 from edge_agent.cloud import CloudClient
 from edge_agent.metrics import EdgeMetrics
@@ -50,12 +52,23 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        path = resolve(settings.model) if student is None else student.path
+        base_sha = await base_sha256(settings.model, path) if settings.adapter or settings.follow_adapter else ""
+        lora, adapter = None, None
+        if settings.adapter and student is None:  # a bad adapter stops the edge here, saying why
+            lora, adapter = await asyncio.to_thread(startup_adapter, settings.adapter, base_sha,
+                                                    settings.adapter_scale)
         engine = student or await asyncio.to_thread(
-            LlamaEngine, resolve(settings.model), n_ctx=settings.n_ctx, n_threads=settings.n_threads,
-            n_batch=settings.n_batch, max_waiting=settings.max_waiting, name=settings.model,
+            LlamaEngine, path, n_ctx=settings.n_ctx, n_threads=settings.n_threads, n_batch=settings.n_batch,
+            max_waiting=settings.max_waiting, name=settings.model, lora_path=lora,
+            lora_scale=settings.adapter_scale, adapter=adapter,
         )
         client = http or cloud_http_client(settings)
         metrics.bind_queue(lambda: engine.waiting)
+        metrics.serving_adapter(engine.adapter)
+        follower = app.state.adapter_follower = (
+            AdapterFollower(engine, client, settings, metrics, base_sha) if settings.follow_adapter else None
+        )
         cloud = CloudClient(
             client,
             policy=RetryPolicy(settings.cloud_retries + 1, settings.cloud_retry_base_s, settings.cloud_retry_cap_s),
@@ -66,10 +79,15 @@ def create_app(
         lifecycle.checks.append(lambda: "engine stalled" if engine.stalled(settings.stall_timeout_s) else None)
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: engine.dead))
+        following = asyncio.create_task(follower.run()) if follower else None
         try:
             yield
         finally:
             guard.cancel()
+            if following is not None:
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await following
             app.state.pipeline = None
             if http is None:
                 await client.aclose()
@@ -90,5 +108,6 @@ def create_app(
     )
     app.state.settings = settings
     app.state.pipeline = None
+    app.state.adapter_follower = None
     app.state.limiter = RateLimiter(settings.rate_limit_per_min, settings.rate_limit_burst)
     return app

@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.protocol import Delta, Summary
+from shared.adapters import REASONS, AdapterRef
 from shared.errors import GKTError
 from shared.metrics import (
     FALLBACK,
@@ -73,6 +74,21 @@ class EdgeMetrics(ServiceMetrics):
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
                                  ["kind", "reason"], registry=r)
+        # An info gauge rather than an `adapter` label on every answer series: the adapter changes at run time,
+        # and a label would split each counter into one series per version ever served. Join on `instance`.
+        self.adapter_info = Gauge("gkt_edge_adapter_info",
+                                  "1 for the LoRA adapter the student serves with (name, sha256); none: base.",
+                                  ["name", "sha256"], registry=r)
+        self.adapter_updates = Counter("gkt_edge_adapter_updates_total",
+                                       "Followed-adapter updates: result=swapped, or why the current one stayed.",
+                                       ["result"], registry=r)
+        for result in ("swapped", *REASONS):
+            self.adapter_updates.labels(result)
+
+    def serving_adapter(self, adapter: AdapterRef | None) -> None:
+        """The student serves with ``adapter`` from now on (None: the base model alone)."""
+        self.adapter_info.clear()
+        self.adapter_info.labels(adapter.name if adapter else "none", adapter.sha256 if adapter else "").set(1)
 
     def rejected(self, route: str, mode: str, err: GKTError) -> None:
         self.requests.labels(route, mode, outcome_of(err)).inc()

@@ -46,6 +46,7 @@ class Pipeline:
 
     async def run(self, plan: Plan) -> AsyncIterator[Delta | Summary]:
         books = Books(plan, self.student.name, self.settings)
+        books.info.adapter = self.student.adapter
         session = StudentSession(self.student, plan, books, fast_path=self.settings.fast_path)
         runner = self._runner(plan, books, session)
         parts: list[str] = []

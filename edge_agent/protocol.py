@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.policies import GuidancePolicy, policy_from
+from shared.adapters import AdapterRef
 from shared.cost import AnswerCost, TeacherCost
 from shared.errors import ErrorCode, GKTError
 from shared.protocol import ChatMessage, Timings, check_text, normalize_stop
@@ -289,6 +290,7 @@ class GKTInfo(BaseModel):
     cloud_error: str | None = None
     teacher_model: str | None = None
     student_model: str
+    adapter: AdapterRef | None = None  # the student's LoRA adapter when this answer started (None: the base)
     task: str | None = None
     answer: str | None = None
     usage: GKTUsage = Field(default_factory=GKTUsage)

@@ -25,6 +25,20 @@ class EdgeSettings(BaseSettings):
     max_waiting: int = Field(
         16, ge=0, le=4096, description="Requests that may wait for the student; more are refused at once (503)."
     )
+    adapter: str | None = Field(
+        None, description="A LoRA adapter to load with the student: its GGUF or its manifest (`NAME.gguf.json`, "
+        "whose base model sha256 must be the student's; a bare GGUF is checked by llama.cpp's architecture and "
+        "shape checks only).",
+    )
+    adapter_scale: float = Field(1.0, ge=0, le=16, description="Scale of the LoRA adapter's contribution.")
+    follow_adapter: str | None = Field(
+        None, description="Follow this adapter at the cloud (`GET /v1/adapters`): fetch each new version, check "
+        "it and swap it in between generations.",
+    )
+    adapter_poll_s: float = Field(60.0, gt=0, le=86400, description="How often a followed adapter is checked.")
+    adapter_dir: str | None = Field(
+        None, description="Where followed adapters are stored (default `~/.cache/gkt/adapters`)."
+    )
     cloud_url: str = Field("http://127.0.0.1:8001", description="Base URL of the gkt cloud.")
     cloud_connect_timeout_s: float = Field(3.0, gt=0, le=120, description="Connect timeout to the cloud.")
     cloud_read_timeout_s: float = Field(

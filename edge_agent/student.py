@@ -6,6 +6,10 @@ released when the worker has really returned (not when the awaiting coroutine is
 request can never let a second generation into a context that is still decoding. Cancellation is checked at
 every token. Between generations the same lock lets prefills in (``edge_agent/prefill.py``: the fast path,
 and few-shot prefixes kept warm); a generation never waits behind more than one prefill chunk.
+
+A LoRA adapter is loaded with the model (``Llama(lora_path=...)``). ``swap`` puts a model loaded elsewhere (the
+same base with another adapter, ``edge_agent/adapters.py``) in place between two generations, under the same
+lock, so a request in flight finishes on the model it started on and the next one uses the new model.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from pathlib import Path
 from time import perf_counter
+from typing import Any
 
 from edge_agent.llama_context import PREFILL_CHUNK, Emit, LlamaContext
 from edge_agent.prefill import BACKGROUND_NICE, HOT_PREFIX_MIN, WarmCache
+from shared.adapters import AdapterRef, sha256_file
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece
 from shared.llama import LlamaText, WorkerStream
@@ -40,18 +46,16 @@ class LlamaEngine(LlamaText):
         n_batch: int = 512,
         max_waiting: int = 16,
         name: str | None = None,
+        lora_path: str | Path | None = None,
+        lora_scale: float = 1.0,
+        adapter: AdapterRef | None = None,
     ) -> None:
-        import llama_cpp  # imported lazily: only an edge that serves a student needs it
-
         self.path = Path(model_path)
-        llm = llama_cpp.Llama(
-            model_path=str(self.path),
-            n_ctx=n_ctx,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            n_batch=n_batch,
-            verbose=False,
-        )
+        self._options = {"n_ctx": n_ctx, "n_threads": n_threads, "n_batch": n_batch}
+        llm = self.load(lora_path, lora_scale)
+        if lora_path is not None and adapter is None:  # say which file serves, even when nobody named it
+            adapter = AdapterRef(name=Path(lora_path).stem, sha256=sha256_file(Path(lora_path)), scale=lora_scale)
+        self.adapter = adapter if lora_path is not None else None
         super().__init__(llm, name or self.path.stem, llm.n_ctx())
         self.max_waiting = max_waiting
         self._context = LlamaContext(llm, self)
@@ -61,6 +65,37 @@ class LlamaEngine(LlamaText):
         self._warm = WarmCache(self._context, self._lock, lambda: self._waiting, self.name)
         self.consecutive_failures = 0
         self.max_failures = 3
+
+    def load(self, lora_path: str | Path | None = None, lora_scale: float = 1.0) -> Any:
+        """A new ``Llama`` of this engine's model and options, with a LoRA adapter when given (blocking: call
+        it off the event loop). llama.cpp refuses an adapter whose architecture or tensor shapes do not fit."""
+        import llama_cpp  # imported lazily: only an edge that serves a student needs it
+
+        opts = self._options
+        return llama_cpp.Llama(
+            model_path=str(self.path),
+            n_ctx=opts["n_ctx"],
+            n_threads=opts["n_threads"],
+            n_threads_batch=opts["n_threads"],
+            n_batch=opts["n_batch"],
+            lora_path=str(lora_path) if lora_path is not None else None,
+            lora_scale=lora_scale,
+            verbose=False,
+        )
+
+    async def swap(self, llm: Any, adapter: AdapterRef | None) -> None:
+        """Serve ``llm`` (from ``load``) from the next generation on; the old model is freed once no thread
+        uses it. Waits for the generation that holds the context (never interrupts it; a prefill stops at its next
+        chunk)."""
+        self._warm.interrupt()
+        async with self._lock:
+            old = self._llm
+            self._bind(llm)
+            self._context = self._warm.context = LlamaContext(llm, self)
+            self.adapter = adapter
+            # What was prefilled lives in the old context: the next generation starts cold (its tokens are
+            # the same, the base's tokenizer is), and re-warming refills the new one.
+        await asyncio.to_thread(old.close)
 
     # --- state ------------------------------------------------------------------------------------------
 

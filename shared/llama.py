@@ -64,12 +64,16 @@ class LlamaText:
         import llama_cpp
 
         self._llama_cpp = llama_cpp
-        self._llm = llm
         self.name = name
         self.n_ctx = n_ctx
-        self._vocab = llm._model.vocab
+        self._bind(llm)
         self._bos = llm.token_bos()
         self._formatter = self._make_formatter()
+
+    def _bind(self, llm: Any) -> None:
+        """Tokenize and detokenize with ``llm`` from now on (the same base model: another adapter may differ)."""
+        self._llm = llm
+        self._vocab = llm._model.vocab
 
     def _make_formatter(self) -> Any:
         template = self._llm.metadata.get("tokenizer.chat_template")

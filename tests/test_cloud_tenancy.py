@@ -58,7 +58,8 @@ def frames(raw: bytes) -> list:
 
 async def test_every_route_but_health_needs_a_key(teacher: LlamaTeacher) -> None:
     async with cloud(teacher) as client:
-        await deny_by_default(client, {"/v1/guidance", "/v1/guidance/batch", "/v1/stats", "/v1/usage"})
+        await deny_by_default(client, {"/v1/guidance", "/v1/guidance/batch", "/v1/stats", "/v1/usage", "/v1/adapters",
+                                      "/v1/adapters/{name}"})
 
 
 async def test_keys_are_compared_exactly(teacher: LlamaTeacher) -> None:
