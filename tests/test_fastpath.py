@@ -89,21 +89,59 @@ async def test_prefill_then_generate_matches_cold_generation(engine: LlamaEngine
     assert 0 < result.cached_prompt_tokens < len(tokens)
 
 
+def _niceness() -> int:
+    """The calling thread's niceness (Linux: per thread)."""
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-async def test_prefills_run_below_generation_priority(engine: LlamaEngine) -> None:
-    """Speculative prefills yield the CPU to the event loop and generations: their thread runs at a higher
-    niceness than the generation thread (on a one-core edge, the user's first token waits on the loop)."""
-    tokens = engine.tokenize(few_shot("Ann reads 4 pages a day. How many pages in a week?"), special=False)
+async def test_a_requests_prefill_runs_at_generation_priority_and_rewarming_below_it(
+    engine: LlamaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #22: the request's own prefill is on its critical path, so a CPU-bound neighbour must not starve
+    it: it runs at the generation's niceness; only idle re-warming of a hot prefix runs BACKGROUND_NICE lower.
+    Read in the worker threads themselves, while each kind of work runs (not by thread name)."""
+    context = engine._context
+    seen: list[tuple[str, int]] = []
+    prefill, generate_ = context.prefill, context.generate
+
+    def spy_prefill(tokens: list[int], stop: threading.Event) -> int:
+        seen.append(("prefill", _niceness()))
+        return prefill(tokens, stop)
+
+    def spy_generate(*args: object) -> GenerationResult:
+        seen.append(("generate", _niceness()))
+        return generate_(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(context, "prefill", spy_prefill)
+    monkeypatch.setattr(context, "generate", spy_generate)
+    await cold(engine)
+    q1 = engine.tokenize(few_shot("Ann reads 4 pages a day. How many pages in a week?"), special=False)
+    q2 = engine.tokenize(few_shot("Bob reads 6 pages a day. How many pages in a week?"), special=False)
     owner = object()
-    assert await engine.prefill(tokens[:-1], owner) is not None
+    assert await engine.prefill(q1[:-1], owner) is not None  # a request's own prefill
     engine.release_warm(owner)
-    await generate(engine, tokens)
-
-    def niceness(suffix: str) -> int:
-        t = next(t for t in threading.enumerate() if t.name.startswith(f"llama-{engine.name}{suffix}_"))
-        return os.getpriority(os.PRIO_PROCESS, t.native_id)
-
-    assert niceness("-prefill") == niceness("") + BACKGROUND_NICE or niceness("-prefill") == 19
+    await generate(engine, q1)
+    assert [kind for kind, _ in seen] == ["prefill", "generate"]
+    assert seen[0][1] == seen[1][1]  # the request's prefill at the generation's priority
+    await generate(engine, q2)  # the few-shot prefix becomes hot
+    assert len(engine.hot_prefix) >= HOT_PREFIX_MIN
+    seen.clear()
+    await generate(engine, engine.tokenize("Write a haiku about rain.", special=False))  # evicts it
+    for _ in range(600):  # re-warming starts once the context is idle; bounded wait
+        if not engine.busy and engine.cached_prefix(engine.hot_prefix) == len(engine.hot_prefix):
+            break
+        await asyncio.sleep(0.05)
+    kinds = [kind for kind, _ in seen]
+    assert kinds[:2] == ["generate", "prefill"], seen  # the generation, then the idle re-warming
+    generation, rewarm = seen[0][1], seen[1][1]
+    assert rewarm == min(generation + BACKGROUND_NICE, 19)
+    # A request's prefill after re-warming still runs at the generation's priority (its own thread).
+    seen.clear()
+    owner = object()
+    assert await engine.prefill(q2[:-1], owner) is not None
+    engine.release_warm(owner)
+    assert seen == [("prefill", generation)]
 
 
 async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -> None:
