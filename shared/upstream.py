@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -72,3 +73,16 @@ def gkt_status_error(status: int, raw: bytes, retry_after: str | None) -> GKTErr
         code, message = (ErrorCode.upstream_error if status >= 500 else ErrorCode.upstream_rejected,
                          f"the cloud answered HTTP {status}")
     return GKTError(code, f"cloud: {message}", retry_after=_retry_after(retry_after))
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens the upstream served from its prefix cache, where it says so: OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens`` (vLLM sends it with ``--enable-prompt-tokens-details``);
+    0 when absent, so an upstream that does not report them bills every prompt token at the input price."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return 0
+    try:
+        return max(0, int(details.get("cached_tokens") or 0))
+    except (TypeError, ValueError):
+        return 0
