@@ -103,6 +103,7 @@ def _check(gkt: dict, cloud_usage: dict) -> None:
     # The teacher's side is what the cloud's ledger charged this key for the guidance.
     assert cloud_usage["completion_tokens"] == u["teacher_tokens"]
     assert cloud_usage["cost"] == pytest.approx(c["teacher"])
+    assert cloud_usage["cached_tokens"] == u["teacher_cached_tokens"]  # #22: the same count on both sides
 
 
 def usage(cloud: Service) -> dict:
@@ -110,7 +111,7 @@ def usage(cloud: Service) -> dict:
 
 
 def diff(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in ("completion_tokens", "cost")}
+    return {k: after[k] - before[k] for k in ("completion_tokens", "cost", "cached_tokens")}
 
 
 def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -> None:
@@ -136,4 +137,6 @@ def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -
             final = chunk.model_extra["gkt"]
     assert final is not None
     _check(final, diff(usage(cloud), before))
+    # The same prompt again: the teacher found it in its KV cache (all but the last token) and billed it so.
+    assert final["usage"]["teacher_cached_tokens"] > 0
     assert final["cost"]["teacher_only"] > final["cost"]["teacher"]
