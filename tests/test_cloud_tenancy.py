@@ -226,6 +226,7 @@ async def test_a_prompt_that_extends_the_last_one_is_billed_as_cached_input(teac
         r = await client.post("/v1/guidance", json={**second, "stream": True}, headers=A)  # streamed: done frame
         done = frames(r.content)[-1]
         usage = (await client.get("/v1/usage", headers=A)).json()
+        exposition = (await client.get("/metrics")).text
     # The first call's prompt tokens are all reused but the last (its logits give the first sampled token).
     assert b["usage"]["cached_tokens"] >= a["usage"]["prompt_tokens"] - 1 > 0, (a["usage"], b["usage"])
     assert b["usage"]["cached_tokens"] < b["usage"]["prompt_tokens"]
@@ -237,6 +238,9 @@ async def test_a_prompt_that_extends_the_last_one_is_billed_as_cached_input(teac
     cold_price = (p * 1.0 + out * 4.0) / 1e6
     assert b["cost"]["amount"] < cold_price  # priced lower than the same call with nothing cached
     assert usage["cached_tokens"] == a["usage"]["cached_tokens"] + c + done.usage.cached_tokens
+    counted = next(float(line.split()[1]) for line in exposition.splitlines()
+                   if line.startswith("gkt_cloud_cached_prompt_tokens_total "))
+    assert counted == usage["cached_tokens"]
     assert usage["cost"] == pytest.approx(a["cost"]["amount"] + b["cost"]["amount"] + done.cost.amount)
 
 
