@@ -102,46 +102,41 @@ async def test_a_requests_prefill_runs_at_generation_priority_and_rewarming_belo
     it: it runs at the generation's niceness; only idle re-warming of a hot prefix runs BACKGROUND_NICE lower.
     Read in the worker threads themselves, while each kind of work runs (not by thread name)."""
     context = engine._context
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, list[int], int]] = []  # (kind, tokens, niceness of the thread that ran it)
     prefill, generate_ = context.prefill, context.generate
 
     def spy_prefill(tokens: list[int], stop: threading.Event) -> int:
-        seen.append(("prefill", _niceness()))
+        seen.append(("prefill", list(tokens), _niceness()))
         return prefill(tokens, stop)
 
-    def spy_generate(*args: object) -> GenerationResult:
-        seen.append(("generate", _niceness()))
-        return generate_(*args)  # type: ignore[arg-type]
+    def spy_generate(tokens: list[int], *args: object) -> GenerationResult:
+        seen.append(("generate", list(tokens), _niceness()))
+        return generate_(tokens, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(context, "prefill", spy_prefill)
     monkeypatch.setattr(context, "generate", spy_generate)
     await cold(engine)
     q1 = engine.tokenize(few_shot("Ann reads 4 pages a day. How many pages in a week?"), special=False)
     q2 = engine.tokenize(few_shot("Bob reads 6 pages a day. How many pages in a week?"), special=False)
-    owner = object()
-    assert await engine.prefill(q1[:-1], owner) is not None  # a request's own prefill
-    engine.release_warm(owner)
-    await generate(engine, q1)
-    assert [kind for kind, _ in seen] == ["prefill", "generate"]
-    assert seen[0][1] == seen[1][1]  # the request's prefill at the generation's priority
-    await generate(engine, q2)  # the few-shot prefix becomes hot
-    assert len(engine.hot_prefix) >= HOT_PREFIX_MIN
-    seen.clear()
+    for q in (q1, q2):
+        owner = object()
+        assert await engine.prefill(q[:-1], owner) is not None  # a request's own prefill, then its generation
+        engine.release_warm(owner)
+        await generate(engine, q)
+    hot = list(engine.hot_prefix)  # q1 and q2 share the few-shot block: it is hot now
+    assert len(hot) >= HOT_PREFIX_MIN
     await generate(engine, engine.tokenize("Write a haiku about rain.", special=False))  # evicts it
     for _ in range(600):  # re-warming starts once the context is idle; bounded wait
-        if not engine.busy and engine.cached_prefix(engine.hot_prefix) == len(engine.hot_prefix):
+        if not engine.busy and engine.cached_prefix(hot) == len(hot):
             break
         await asyncio.sleep(0.05)
-    kinds = [kind for kind, _ in seen]
-    assert kinds[:2] == ["generate", "prefill"], seen  # the generation, then the idle re-warming
-    generation, rewarm = seen[0][1], seen[1][1]
-    assert rewarm == min(generation + BACKGROUND_NICE, 19)
-    # A request's prefill after re-warming still runs at the generation's priority (its own thread).
-    seen.clear()
-    owner = object()
-    assert await engine.prefill(q2[:-1], owner) is not None
-    engine.release_warm(owner)
-    assert seen == [("prefill", generation)]
+    generation = {n for kind, _, n in seen if kind == "generate"}
+    requests = [n for kind, tokens, n in seen if kind == "prefill" and tokens != hot]
+    rewarms = [n for kind, tokens, n in seen if kind == "prefill" and tokens == hot]
+    assert len(generation) == 1 and len(requests) == 2 and rewarms, seen
+    (g,) = generation
+    assert requests == [g, g]  # the request's own prefills: the generation's priority
+    assert set(rewarms) == {min(g + BACKGROUND_NICE, 19)}  # idle re-warming: below it
 
 
 async def test_prefill_is_refused_while_a_generation_runs(engine: LlamaEngine) -> None:
