@@ -36,7 +36,7 @@ class TenantUsage:
     cancelled: int = 0  # stopped early (client gone) or failed; charged for what was generated
     prompt_tokens: int = 0  # drafts verified included (input the teacher read)
     completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens whose KV the engine reused (priced like others, for now)
+    cached_tokens: int = 0  # prompt tokens whose KV the engine reused (billed at the cached-input price)
     engine_s: float = 0.0
     cost: float = 0.0
 
@@ -64,10 +64,12 @@ class Ledger:
         self.recorded = TenantUsage()  # what this process wrote (Prometheus counters; the database has the rest)
         self._pending: set[asyncio.Task[None]] = set()
 
-    def price(self, result: GenerationResult) -> TeacherCost:
-        """A draft the teacher verified is input it read, priced with the prompt."""
+    def price(self, result: GenerationResult, *, list_price: bool = False) -> TeacherCost:
+        """A draft the teacher verified is input it read, priced with the prompt; prompt tokens the engine
+        found in its KV cache at the cached-input price (``list_price``: every input token at the full one)."""
         read = result.prompt_tokens + result.draft_tokens
-        return teacher_cost(self.rates, read, result.completion_tokens, result.engine_s)
+        cached = 0 if list_price else result.cached_prompt_tokens
+        return teacher_cost(self.rates, read, result.completion_tokens, result.engine_s, cached)
 
     def free(self) -> TeacherCost:
         """The cost of a cache hit."""
@@ -83,7 +85,7 @@ class Ledger:
                      answer: dict[str, Any] | None = None) -> TeacherCost:
         """Write the answer's row (committed when this returns) and return its cost."""
         cost = self.free() if cached else self.price(result)
-        full = self.price(result)  # the counterfactual: the same tokens generated, at list price
+        full = self.price(result, list_price=True)  # the counterfactual: the same tokens, no cache of any kind
         row = dict(tenant=charge.tenant, request_key=charge.key, request_id=charge.request_id, model=charge.model,
                    finish_reason=result.finish_reason, cached=cached,
                    prompt_tokens=result.prompt_tokens + result.draft_tokens,

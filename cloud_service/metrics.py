@@ -38,6 +38,8 @@ class CloudMetrics(ServiceMetrics):
         self.tps = Histogram("gkt_cloud_guidance_tokens_per_second", "Teacher generation speed per request.",
                              buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gkt_cloud_prompt_tokens_total", "Teacher prompt tokens.", registry=r)
+        self.cached_prompt_tokens = Counter("gkt_cloud_cached_prompt_tokens_total", "Teacher prompt tokens found "
+                                            "in its KV cache (billed at the cached-input price).", registry=r)
         self.guidance_tokens = Counter("gkt_cloud_guidance_tokens_total", "Guidance tokens written.", registry=r)
         self.draft_tokens = Counter("gkt_cloud_draft_tokens_total", "Draft tokens verified (the verify policy), "
                                     "by verdict: kept (the teacher would have written them) or cut.",
@@ -73,6 +75,7 @@ class CloudMetrics(ServiceMetrics):
         self.prompt.observe(r.prompt_s)
         self.generation.observe(r.generation_s)
         self.prompt_tokens.inc(r.prompt_tokens)
+        self.cached_prompt_tokens.inc(r.cached_prompt_tokens)
         self.guidance_tokens.inc(r.completion_tokens)
         if r.draft_tokens:
             self.draft_tokens.labels("kept").inc(r.draft_accepted_tokens)

@@ -74,6 +74,7 @@ class GuidanceService:
         self.cache = GuidanceCache(settings.cache_max_entries, settings.cache_max_bytes)
         self.ledger = Ledger(TeacherRates(
             currency=settings.currency, input_per_mtok=settings.price_input_per_mtok,
+            cached_input_per_mtok=settings.price_cached_input_per_mtok,
             output_per_mtok=settings.price_output_per_mtok, accelerator_per_hour=settings.price_accelerator_per_hour,
         ), store or ledger_store(settings))
 
@@ -175,7 +176,8 @@ class GuidanceService:
             finish_reason="stop" if result.finish_reason == "stop" else "length",
             model=self.engine.model_name,
             usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                        draft_tokens=result.draft_tokens, draft_accepted_tokens=result.draft_accepted_tokens),
+                        cached_tokens=result.cached_prompt_tokens, draft_tokens=result.draft_tokens,
+                        draft_accepted_tokens=result.draft_accepted_tokens),
             timings=Timings(queue_s=result.queue_s, prompt_s=result.prompt_s, generation_s=result.generation_s),
             cost=self.ledger.free() if cached else self.ledger.price(result),
             cached=cached,

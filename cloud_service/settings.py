@@ -82,6 +82,10 @@ class CloudSettings(BaseSettings):
     cache_max_entries: int = Field(1024, ge=0, description="Guidance cache entries (0 turns the cache off).")
     cache_max_bytes: int = Field(16 * 2**20, ge=0, description="Guidance cache size bound in bytes of text.")
     price_input_per_mtok: float = Field(0.50, ge=0, description="Teacher price per million prompt tokens.")
+    price_cached_input_per_mtok: float = Field(
+        0.05, ge=0, description="Teacher price per million prompt tokens found in its KV cache (reused, not "
+        "computed again): a tenth of the default input price, as providers bill cached input.",
+    )
     price_output_per_mtok: float = Field(1.50, ge=0, description="Teacher price per million guidance tokens.")
     price_accelerator_per_hour: float = Field(
         0.0, ge=0, description="Teacher price per accelerator hour of engine time (on top of token prices)."

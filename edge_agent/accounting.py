@@ -76,6 +76,7 @@ class Books:
         info.guidance_calls = len(info.calls)
         u.teacher_tokens = sum(c.teacher_tokens for c in info.calls)
         u.teacher_draft_tokens = sum(c.draft_teacher_tokens for c in info.calls)
+        u.teacher_cached_tokens = sum(c.cached_tokens for c in info.calls)
         u.teacher_prompt_tokens = 0
         u.guidance_student_tokens = 0
         for c in info.calls:
@@ -93,7 +94,7 @@ class Books:
         """This answer's cost on both sides and had the teacher written all of it (see shared/cost.py).
 
         The teacher's side is what the cloud stated for each call, summed; the counterfactual teacher reads
-        the prompt once (the first call's prompt tokens)."""
+        the prompt once (the first call's prompt tokens) and finds cached what the first call found."""
         info, u, t = self.info, self.info.usage, self.info.timings
         rates = StudentRates(per_mtok=self.settings.price_student_per_mtok,
                              cpu_per_hour=self.settings.price_cpu_per_hour)
@@ -104,12 +105,14 @@ class Books:
         first = info.calls[0] if info.calls else None
         prompt_tokens = first.prompt_tokens if first is not None and first.prompt_tokens is not None else \
             u.teacher_prompt_tokens
+        cached = first.cached_tokens if first is not None else 0
         return answer_cost(
             student=rates, student_tokens=processed if ran else 0, student_cpu_s=cpu_s,
             teacher=_sum_costs([c.cost for c in info.calls if c.cost is not None]),
             teacher_prompt_tokens=prompt_tokens, guidance_teacher_tokens=u.teacher_tokens,
             guidance_student_tokens=u.guidance_student_tokens,
             answer_student_tokens=u.guidance_student_tokens + u.student_tokens, teacher_wrote_all=wrote_all,
+            teacher_cached_prompt_tokens=cached,
         )
 
 
@@ -119,6 +122,7 @@ def _sum_costs(costs: list[TeacherCost]) -> TeacherCost | None:
         return None
     return TeacherCost(
         rates=costs[0].rates, input_tokens=sum(c.input_tokens for c in costs),
+        cached_input_tokens=sum(c.cached_input_tokens for c in costs),
         output_tokens=sum(c.output_tokens for c in costs), accelerator_s=sum(c.accelerator_s for c in costs),
         amount=sum(c.amount for c in costs),
     )

@@ -76,6 +76,7 @@ class Guidance:
                     elif isinstance(frame, DoneFrame):
                         info.teacher_model = frame.model
                         call.prompt_tokens = frame.usage.prompt_tokens
+                        call.cached_tokens = frame.usage.cached_tokens
                         call.teacher_tokens = frame.usage.completion_tokens
                         call.finish = frame.finish_reason
                         call.cost = frame.cost

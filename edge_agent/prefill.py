@@ -9,6 +9,14 @@ time may prefill (others are refused until it calls ``release``); a refused pref
 Few-shot prefixes stay warm: a prefix of at least ``HOT_PREFIX_MIN`` tokens shared with one of the last few
 prompts is remembered, and when a generation ends with the context idle, that prefix is prefilled again at
 the lowest priority if another prompt evicted it (any prefill or generation that arrives stops it).
+
+Two threads, two CPU priorities. A request's own prefill (its prompt, then its guidance as it streams) is on
+that request's critical path: whatever it has not evaluated at the handoff, the generation evaluates, so it
+runs at the generation's priority; at background priority a competing CPU-bound process starved it and the
+handoff gap grew to the whole prefill (issue #22: 7.9 s with one core held by a training job). Only idle
+re-warming, which nobody waits for, runs on a thread at ``BACKGROUND_NICE``. A thread's niceness cannot be
+lowered again without privileges, hence a thread per priority rather than one thread switching. The lock
+still admits one prefill or one generation at a time, whichever thread runs it.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from shared.generation import common_prefix
 
 # A shared prompt prefix this long is worth keeping warm (a few-shot block, a long system prompt).
 HOT_PREFIX_MIN = 64
-BACKGROUND_NICE = 10  # added to the process's niceness for background prefills (Linux: per thread)
+BACKGROUND_NICE = 10  # added to the process's niceness for idle re-warming (Linux: per thread)
 _IDLE = object()  # owner of the idle-time re-warming prefill: lowest priority
 
 
@@ -48,10 +56,11 @@ class WarmCache:
         self.context = context
         self.lock = lock  # the engine's: held by one generation or one prefill at a time
         self.waiting = waiting  # generations waiting for the lock
-        # Prefills run on their own thread at a lower CPU priority: on a one-core edge they would otherwise
-        # delay the event loop's wake-ups, i.e. the user's first token.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}-prefill",
-                                          initializer=_lower_priority)
+        # A request's prefill at normal priority (it is on the request's critical path); re-warming on its
+        # own thread at a lower priority, so it never takes CPU from the event loop or a generation.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}-prefill")
+        self._idle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}-rewarm",
+                                               initializer=_lower_priority)
         self._stop: threading.Event | None = None  # set while a prefill holds the lock
         self._running: object | None = None  # whose prefill holds the lock
         self.owner: object | None = None  # who holds the warm sequence
@@ -81,8 +90,9 @@ class WarmCache:
             self.lock.release()
 
         loop = asyncio.get_running_loop()
+        thread = self._idle_thread if owner is _IDLE else self._thread
         try:
-            future = loop.run_in_executor(self._thread, copy_context().run, self.context.prefill, tokens, stop)
+            future = loop.run_in_executor(thread, copy_context().run, self.context.prefill, tokens, stop)
         except BaseException:
             done(None)
             raise
@@ -130,3 +140,4 @@ class WarmCache:
 
     def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
+        self._idle_thread.shutdown(wait=True, cancel_futures=True)

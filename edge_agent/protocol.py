@@ -224,6 +224,8 @@ class GKTUsage(BaseModel):
     """Token counts on both sides (each in its own model's tokenizer)."""
 
     teacher_prompt_tokens: int = 0
+    # Of the teacher's prompt and draft tokens, those its engine found in its KV cache (the cached-input price).
+    teacher_cached_tokens: int = 0
     teacher_tokens: int = 0
     student_prompt_tokens: int = 0
     guidance_student_tokens: int = 0
@@ -270,6 +272,7 @@ class GuidanceCall(BaseModel):
     max_tokens: int = 0  # teacher tokens asked for
     teacher_tokens: int = 0  # teacher tokens received
     prompt_tokens: int | None = None  # the teacher's prompt tokens (None: ended early, the cloud did not say)
+    cached_tokens: int = 0  # of them (and the draft), found in the teacher's KV cache, as the cloud said
     finish: str | None = None  # length, stop (teacher ended the answer), early (the edge ended it), or error code
     cloud_ttft_s: float | None = None
     s: float | None = None  # request sent to its end

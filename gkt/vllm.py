@@ -49,7 +49,8 @@ def vllm_service(port: int, model: str, served_name: str, *, max_model_len: int 
         raise FileNotFoundError(f"{path} is not a converted model: run `make vllm-setup VLLM_MODEL={model}`")
     argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), "-O0",
-            "--max-model-len", str(max_model_len)]
+            "--max-model-len", str(max_model_len),
+            "--enable-prompt-tokens-details"]  # cached prompt tokens in usage: the cloud bills them as cached
     env = {
         "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "VLLM_CACHE_ROOT": str(VLLM_CACHE / "cache"), "TORCHINDUCTOR_CACHE_DIR": str(VLLM_CACHE / "inductor"),

@@ -165,6 +165,9 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Of the prompt (and draft) tokens, those the engine found in its KV cache: billed at the cached-input price
+    # (a guidance-cache hit computed none: all of them, at no cost).
+    cached_tokens: int = 0
     draft_tokens: int = 0  # a draft the teacher verified (read, not written)
     draft_accepted_tokens: int = 0
 

@@ -85,3 +85,16 @@ def json_object(resp: httpx.Response, peer: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise GKTError(ErrorCode.protocol_error, f"{peer} sent malformed JSON")
     return obj
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens the upstream served from its prefix cache, where it says so: OpenAI's
+    ``usage.prompt_tokens_details.cached_tokens`` (vLLM sends it with ``--enable-prompt-tokens-details``);
+    0 when absent, so an upstream that does not report them bills every prompt token at the input price."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return 0
+    try:
+        return max(0, int(details.get("cached_tokens") or 0))
+    except (TypeError, ValueError):
+        return 0

@@ -77,6 +77,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
                      "cloud batching llama.cpp, 1 concurrent", "cloud batching llama.cpp, 2 concurrent",
                      "cloud work per answer", "end-to-end latency gkt k=4 / teacher-only, 1 user",
                      "end-to-end latency gkt k=4 / teacher-only, 2 user", "time to first token", "handoff gap",
+                     "handoff gap on cold prompts, edge core contended / quiet",
                      "peak RSS of the edge"):
         assert any(n.startswith(expected) for n in names), expected
     by = {r["name"].split(" (")[0] if r["name"].startswith(("edge overhead", "cloud overhead")) else r["name"]: r

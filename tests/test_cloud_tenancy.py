@@ -160,7 +160,10 @@ async def test_deterministic_requests_reuse_guidance(teacher: LlamaTeacher) -> N
         again = (await client.post("/v1/guidance", json=PROMPT, headers=A)).json()
         assert teacher.stats["started"] == started  # no engine work
         assert again["cached"] and not first["cached"] and again["text"] == first["text"]
-        assert again["usage"] == first["usage"] and again["cost"]["amount"] == 0 < first["cost"]["amount"]
+        # The same usage, except that a replay computed none of its prompt: all of it counts as cached (#22).
+        assert again["usage"]["cached_tokens"] == again["usage"]["prompt_tokens"]
+        assert {**again["usage"], "cached_tokens": 0} == {**first["usage"], "cached_tokens": 0}
+        assert again["cost"]["amount"] == 0 < first["cost"]["amount"]
         # Streamed hits replay the same frames.
         r = await client.post("/v1/guidance", json={**PROMPT, "stream": True}, headers=A)
         fs = frames(r.content)
@@ -201,14 +204,48 @@ async def test_cost_is_stated_and_ledgered_streamed_or_not(teacher: LlamaTeacher
         done = frames(r.content)[-1]
         usage = (await client.get("/v1/usage", headers=A)).json()
     for cost, tokens in ((whole["cost"], whole["usage"]), (done.cost.model_dump(), done.usage.model_dump())):
-        expected = (tokens["prompt_tokens"] * 2.0 + tokens["completion_tokens"] * 8.0) / 1e6 + \
-            cost["accelerator_s"] * 36.0 / 3600
+        cached = tokens["cached_tokens"]  # a shared first token or two may be in the slot already (#22)
+        expected = ((tokens["prompt_tokens"] - cached) * 2.0 + cached * 0.05 + tokens["completion_tokens"] * 8.0) \
+            / 1e6 + cost["accelerator_s"] * 36.0 / 3600
+        assert cost["cached_input_tokens"] == cached
         assert cost["input_tokens"] == tokens["prompt_tokens"] and cost["output_tokens"] == tokens["completion_tokens"]
         assert cost["accelerator_s"] > 0 and cost["amount"] == pytest.approx(expected)
         assert cost["rates"]["output_per_mtok"] == 8.0
     assert usage["requests"] == 2, usage
     assert usage["cost"] == pytest.approx(whole["cost"]["amount"] + done.cost.amount)
     assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] + done.usage.completion_tokens
+
+
+async def test_a_prompt_that_extends_the_last_one_is_billed_as_cached_input(teacher: LlamaTeacher) -> None:
+    """#22, prices as providers bill: a second call whose prompt extends the first's (the re-guidance and verify
+    shape: the answer so far grows) finds the first's tokens in the teacher's KV cache, says so in its usage and
+    cost, and costs less than the same call on a cold cache; the ledger's rows and /v1/usage carry the count."""
+    first = {"prompt": "List the planets of the solar system in order from the sun: Mercury, Venus,",
+             "max_tokens": 4, "temperature": 0, "stream": False}
+    second = {**first, "prompt": first["prompt"] + " Earth, Mars,"}
+    rates = {"price_input_per_mtok": 1.0, "price_cached_input_per_mtok": 0.1, "price_output_per_mtok": 4.0}
+    async with cloud(teacher, cache_max_entries=0, **rates) as client:
+        a = (await client.post("/v1/guidance", json=first, headers=A)).json()
+        b = (await client.post("/v1/guidance", json=second, headers=A)).json()
+        r = await client.post("/v1/guidance", json={**second, "stream": True}, headers=A)  # streamed: done frame
+        done = frames(r.content)[-1]
+        usage = (await client.get("/v1/usage", headers=A)).json()
+        exposition = (await client.get("/metrics")).text
+    # The first call's prompt tokens are all reused but the last (its logits give the first sampled token).
+    assert b["usage"]["cached_tokens"] >= a["usage"]["prompt_tokens"] - 1 > 0, (a["usage"], b["usage"])
+    assert b["usage"]["cached_tokens"] < b["usage"]["prompt_tokens"]
+    assert done.usage.cached_tokens > 0 and done.cost.cached_input_tokens == done.usage.cached_tokens
+    assert b["cost"]["cached_input_tokens"] == b["usage"]["cached_tokens"]
+    assert b["cost"]["rates"]["cached_input_per_mtok"] == 0.1
+    p, c, out = b["usage"]["prompt_tokens"], b["usage"]["cached_tokens"], b["usage"]["completion_tokens"]
+    assert b["cost"]["amount"] == pytest.approx(((p - c) * 1.0 + c * 0.1 + out * 4.0) / 1e6)
+    cold_price = (p * 1.0 + out * 4.0) / 1e6
+    assert b["cost"]["amount"] < cold_price  # priced lower than the same call with nothing cached
+    assert usage["cached_tokens"] == a["usage"]["cached_tokens"] + c + done.usage.cached_tokens
+    counted = next(float(line.split()[1]) for line in exposition.splitlines()
+                   if line.startswith("gkt_cloud_cached_prompt_tokens_total "))
+    assert counted == usage["cached_tokens"]
+    assert usage["cost"] == pytest.approx(a["cost"]["amount"] + b["cost"]["amount"] + done.cost.amount)
 
 
 async def test_slot_is_freed_when_a_response_never_starts(teacher: LlamaTeacher) -> None:

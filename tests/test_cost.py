@@ -8,6 +8,7 @@ from openai import OpenAI
 
 from gkt.launcher import Service
 from shared.cost import StudentRates, TeacherRates, answer_cost, teacher_cost
+from shared.upstream import cached_tokens
 from tests.conftest import AUTH, CLIENT_AUTH, CLIENT_KEY
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -41,6 +42,47 @@ def test_answer_cost_and_saving() -> None:
     assert cost.saved_fraction == pytest.approx((only - cost.total) / only)
 
 
+def test_cached_input_is_billed_at_the_cached_price() -> None:
+    """#22: prompt tokens found in the teacher's KV cache cost the cached-input price, the rest the input price;
+    the default cached price is a tenth of the default input price."""
+    assert TeacherRates().cached_input_per_mtok == pytest.approx(TeacherRates().input_per_mtok / 10)
+    rates = TeacherRates(input_per_mtok=1.0, cached_input_per_mtok=0.1, output_per_mtok=4.0)
+    c = teacher_cost(rates, prompt_tokens=1_000, completion_tokens=500, engine_s=0.0, cached_tokens=900)
+    # 100 computed * 1/1e6 + 900 cached * 0.1/1e6 + 500 * 4/1e6
+    assert c.amount == pytest.approx(0.0001 + 0.00009 + 0.002)
+    assert (c.input_tokens, c.cached_input_tokens) == (1_000, 900)
+    cold = teacher_cost(rates, prompt_tokens=1_000, completion_tokens=500, engine_s=0.0)
+    assert cold.amount - c.amount == pytest.approx(900 * 0.9 / 1e6)
+    # More cached than read (a miscount upstream) bills at most every input token as cached, never below 0.
+    assert teacher_cost(rates, 100, 0, 0.0, cached_tokens=500).cached_input_tokens == 100
+    assert teacher_cost(rates, 100, 0, 0.0, cached_tokens=-5).amount == pytest.approx(100 / 1e6)
+    # At a cached price equal to the input price, caching changes nothing.
+    flat = TeacherRates(input_per_mtok=1.0, cached_input_per_mtok=1.0)
+    assert teacher_cost(flat, 1_000, 0, 0.0, 900).amount == pytest.approx(teacher_cost(flat, 1_000, 0, 0.0).amount)
+
+
+def test_cached_tokens_are_read_from_an_openai_usage_where_reported() -> None:
+    """vLLM (``--enable-prompt-tokens-details``) and OpenAI report ``prompt_tokens_details.cached_tokens``;
+    an upstream that says nothing, or nonsense, has none cached (billed at the full input price)."""
+    assert cached_tokens({"prompt_tokens": 120, "prompt_tokens_details": {"cached_tokens": 96}}) == 96
+    for usage in ({}, {"prompt_tokens": 5}, {"prompt_tokens_details": None}, {"prompt_tokens_details": {}},
+                  {"prompt_tokens_details": {"cached_tokens": None}}, {"prompt_tokens_details": {"cached_tokens": "x"}},
+                  {"prompt_tokens_details": {"cached_tokens": -3}}):
+        assert cached_tokens(usage) == 0, usage
+
+
+def test_counterfactual_finds_cached_what_the_first_call_found() -> None:
+    """The teacher-only counterfactual reads the same prompt against the same cache: its cached part is the
+    first guidance call's, so caching does not inflate the saving."""
+    rates = TeacherRates(input_per_mtok=1.0, cached_input_per_mtok=0.1, output_per_mtok=4.0)
+    first = teacher_cost(rates, 1_000, 40, 0.0, cached_tokens=800)
+    kw = dict(student=StudentRates(), student_tokens=0, student_cpu_s=0.0, teacher=first, teacher_prompt_tokens=1_000,
+              guidance_teacher_tokens=40, guidance_student_tokens=40, answer_student_tokens=100)
+    cost = answer_cost(**kw, teacher_cached_prompt_tokens=800)  # type: ignore[arg-type]
+    assert cost.teacher_only == pytest.approx((200 * 1.0 + 800 * 0.1 + 100 * 4.0) / 1e6)
+    assert answer_cost(**kw).teacher_only == pytest.approx((1_000 + 400) / 1e6)  # type: ignore[arg-type]
+
+
 def test_answer_cost_edge_cases() -> None:
     alone = answer_cost(student=StudentRates(cpu_per_hour=3.6), student_tokens=10, student_cpu_s=1.0, teacher=None,
                         teacher_prompt_tokens=0, guidance_teacher_tokens=0, guidance_student_tokens=0,
@@ -61,6 +103,7 @@ def _check(gkt: dict, cloud_usage: dict) -> None:
     # The teacher's side is what the cloud's ledger charged this key for the guidance.
     assert cloud_usage["completion_tokens"] == u["teacher_tokens"]
     assert cloud_usage["cost"] == pytest.approx(c["teacher"])
+    assert cloud_usage["cached_tokens"] == u["teacher_cached_tokens"]  # #22: the same count on both sides
 
 
 def usage(cloud: Service) -> dict:
@@ -68,7 +111,7 @@ def usage(cloud: Service) -> dict:
 
 
 def diff(after: dict, before: dict) -> dict:
-    return {k: after[k] - before[k] for k in ("completion_tokens", "cost")}
+    return {k: after[k] - before[k] for k in ("completion_tokens", "cost", "cached_tokens")}
 
 
 def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -> None:
@@ -94,4 +137,6 @@ def test_each_answer_states_its_cost_and_saving(edge: Service, cloud: Service) -
             final = chunk.model_extra["gkt"]
     assert final is not None
     _check(final, diff(usage(cloud), before))
+    # The same prompt again: the teacher found it in its KV cache (all but the last token) and billed it so.
+    assert final["usage"]["teacher_cached_tokens"] > 0
     assert final["cost"]["teacher_only"] > final["cost"]["teacher"]

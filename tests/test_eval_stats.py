@@ -11,7 +11,7 @@ import pytest
 from gkt.eval.progress import Progress
 from gkt.eval.records import ResultStore, RunConfig, configs, sample
 from gkt.eval.report import markdown
-from gkt.eval.stats import rows, wilson
+from gkt.eval.stats import cost, rows, wilson
 from shared.cost import PriceTable, StudentRates, TeacherRates
 from shared.tasks import GSM8K
 
@@ -55,9 +55,26 @@ def test_prices_are_the_services_prices() -> None:
                     student_tokens=10_000_000, student_cpu_s=10.0)
     assert cost == pytest.approx(0.3 + 3.0 + 1.0 + 0.01)
     assert p.as_dict()["student_cpu_hour"] == 3.6
+    cached = PriceTable.resolve(["teacher_cached_input=0.02"], environ={"GKT_CLOUD_PRICE_CACHED_INPUT_PER_MTOK": "9"})
+    assert cached.teacher.cached_input_per_mtok == 0.02 and cached.as_dict()["teacher_cached_input"] == 0.02
+    env = PriceTable.resolve([], environ={"GKT_CLOUD_PRICE_CACHED_INPUT_PER_MTOK": "0.03"})
+    assert env.teacher.cached_input_per_mtok == 0.03
     for bad in (["teacher_output"], ["nope=1"], ["teacher_input=-1"], ["teacher_input=cheap"]):
         with pytest.raises(ValueError):
             PriceTable.resolve(bad, environ={})
+
+
+def test_eval_cost_prices_cached_teacher_input_lower() -> None:
+    """#22: the eval's cost columns bill the teacher's cached prompt tokens at the cached-input price; records
+    written before the cloud counted them (no ``teacher_cached_tokens``) bill every prompt token in full."""
+    prices = PriceTable.resolve(["teacher_input=1", "teacher_cached_input=0.1", "teacher_output=0",
+                                 "student_cpu_hour=0"], environ={})
+    rec = _rec(RunConfig("gsm8k", "teacher", None, 64, "t", "s"), "q1", True, 1.0, 0, 0)
+    rec["usage"] |= {"teacher_prompt_tokens": 1_000, "teacher_draft_tokens": 200}
+    full = cost(rec, prices)
+    assert full == pytest.approx(1_200 / 1e6)
+    rec["usage"]["teacher_cached_tokens"] = 1_000
+    assert cost(rec, prices) == pytest.approx((200 + 1_000 * 0.1) / 1e6)
 
 
 def _rec(config: RunConfig, qid: str, correct: bool, wall: float, teacher_tokens: int, student_tokens: int,

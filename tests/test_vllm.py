@@ -123,6 +123,29 @@ def test_real_edge_is_guided_by_vllm(vllm_server: Service, edge_vllm: Service) -
     assert gkt["cost"]["teacher"] > 0 and gkt["cost"]["teacher_only"] is not None
 
 
+def test_vllm_s_cached_prompt_tokens_are_billed_as_cached_input(cloud_vllm: Service) -> None:
+    """#22: vLLM (started with --enable-prompt-tokens-details) reports the prompt tokens its prefix cache held;
+    a second call whose prompt extends the first's bills them at the cached-input price. The prompt is long
+    enough to fill whole KV blocks (vLLM caches whole blocks only)."""
+    text = " ".join(f"Item {i}: a line of notes about the solar system and its planets." for i in range(40))
+
+    def call(prompt: str) -> dict:
+        r = httpx.post(cloud_vllm.url + "/v1/guidance", headers=AUTH, timeout=TIMEOUT, json={
+            "prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": False})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    call(text)
+    b = call(text + " One more line.")
+    u, cost = b["usage"], b["cost"]
+    assert 0 < u["cached_tokens"] < u["prompt_tokens"], u
+    assert cost["cached_input_tokens"] == u["cached_tokens"]
+    rates = cost["rates"]
+    assert cost["amount"] < (u["prompt_tokens"] * rates["input_per_mtok"]
+                             + u["completion_tokens"] * rates["output_per_mtok"]) / 1e6 + \
+        cost["accelerator_s"] * rates["accelerator_per_hour"] / 3600
+
+
 def test_vllm_verifies_a_draft_with_prompt_logprobs(vllm_server: Service, cloud_vllm: Service) -> None:
     """Draft verification on the vLLM backend (cloud_service/engines/openai_verify.py): the same verdicts as
     on llama.cpp, read from vLLM's ranks of the draft's tokens."""

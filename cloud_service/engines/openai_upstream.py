@@ -34,7 +34,7 @@ from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece, TokenChoice, TrailingWhitespace
 from shared.protocol import GuidanceRequest, SSEDecoder
 from shared.tokenize import DetokenizeRequest, TokenizeRequest
-from shared.upstream import openai_status_error, transport_errors
+from shared.upstream import cached_tokens, openai_status_error, transport_errors
 from shared.words import WordEnd
 
 
@@ -159,6 +159,7 @@ class OpenAITeacher:
                 finish_reason=reason,  # type: ignore[arg-type]
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or pieces),
+                cached_prompt_tokens=cached_tokens(usage),
                 prompt_s=first - t0,
                 generation_s=t_end - first,
                 engine_s=t_end - t0,  # wall time: an upper bound on this request's share of a batching upstream
@@ -272,3 +273,4 @@ def _json(data: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise GKTError(ErrorCode.protocol_error, "the teacher upstream sent a malformed event")
     return obj
+

@@ -25,7 +25,7 @@ from cloud_service.engine import Generation, Item, OnResult
 from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationResult, Piece
 from shared.protocol import GuidanceRequest
-from shared.upstream import json_object, openai_status_error, transport_errors
+from shared.upstream import cached_tokens, json_object, openai_status_error, transport_errors
 
 _CANNOT = "this cloud's teacher upstream cannot verify drafts (it needs vLLM's /tokenize and prompt_logprobs)"
 _ROOT_ATTEMPTS = 3
@@ -49,6 +49,7 @@ class UpstreamVerifier:
         draft = await self._tokenize({"prompt": request.draft, "add_special_tokens": False})
         sampling = self._sampling(request)
         answer = await self._send("completions", sampling | {"prompt": prompt + draft, "prompt_logprobs": 1})
+        read_cached = cached_tokens(answer.get("usage") or {})  # the billed read: prompt + draft, once
         kept, kept_text = await self._kept(request.draft, prompt, draft, _choice(answer))
         if kept < len(draft):  # the teacher writes from the kept part on
             answer = await self._send("completions", sampling | {"prompt": prompt + draft[:kept]})
@@ -60,6 +61,7 @@ class UpstreamVerifier:
             prompt_tokens=len(prompt), completion_tokens=completion, prompt_s=perf_counter() - t0,
             engine_s=perf_counter() - t0,  # wall time, as for plain guidance on this backend
             draft_tokens=len(draft), draft_accepted_tokens=kept, draft_accepted_text=kept_text,
+            cached_prompt_tokens=min(read_cached, len(prompt) + len(draft)),
         )
         if on_result is not None:
             on_result(result)

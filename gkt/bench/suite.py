@@ -25,6 +25,7 @@ import httpx
 from gkt import vllm
 from gkt.bench import direct
 from gkt.bench.client import Stream, cloud_guidance, edge_stream, openai_completion
+from gkt.bench.contention import handoff_under_contention
 from gkt.bench.report import Line, median, ratio
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
@@ -43,8 +44,9 @@ QUESTIONS = [
 ]
 
 
-# Groups of measurements, in the order they run ("prefix" needs fresh services, so it comes first).
-SECTIONS = ("prefix", "overhead", "batching", "answers", "ttft", "handoff")
+# Groups of measurements, in the order they run ("prefix" needs fresh services, so it comes first;
+# "contention" is gkt/bench/contention.py: the handoff gap on cold prompts with the edge's core taken).
+SECTIONS = ("prefix", "overhead", "batching", "answers", "ttft", "handoff", "contention")
 
 
 @dataclass
@@ -489,6 +491,9 @@ class Bench:
         if "handoff" in cfg.sections:
             await self.warm_task_prefix()
             await self.handoff()
+        if "contention" in cfg.sections:
+            print("handoff under contention (cold prompts)", flush=True)
+            await handoff_under_contention(self)
         self.memory()
         await self.http.aclose()
 

@@ -38,8 +38,9 @@ def queue_s(rec: dict[str, Any]) -> float:
 
 def cost(rec: dict[str, Any], prices: PriceTable) -> float:
     """The answer's cost on both sides, priced as the services price it (``shared/cost.py``): the teacher's
-    prompt and generated tokens and engine time; the student's tokens (prompt, guidance, its own) and
-    CPU-core seconds (one thread)."""
+    prompt and generated tokens and engine time, its prompt tokens found in its KV cache at the cached-input
+    price (records from before the cloud counted them: none); the student's tokens (prompt, guidance, its
+    own) and CPU-core seconds (one thread)."""
     u, t = rec["usage"], rec["timings"]
     teacher = t.get("teacher") or {}
     ran = rec["config"]["mode"] != "teacher"
@@ -51,6 +52,7 @@ def cost(rec: dict[str, Any], prices: PriceTable) -> float:
     return prices.answer(
         teacher_prompt_tokens=u["teacher_prompt_tokens"] + u.get("teacher_draft_tokens", 0),
         teacher_tokens=u["teacher_tokens"], teacher_engine_s=engine_s,
+        teacher_cached_tokens=u.get("teacher_cached_tokens", 0),
         student_tokens=u["student_prompt_tokens"] + u["guidance_student_tokens"] + u["student_tokens"] if ran else 0,
         student_cpu_s=(t.get("student_prompt_s") or 0.0) + (t.get("student_generation_s") or 0.0),
     )
