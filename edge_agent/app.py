@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -12,10 +14,12 @@ from fastapi import FastAPI, Request
 from edge_agent.api import ROUTE_LABELS, ready_info, router
 from edge_agent.cloud import CloudClient
 from edge_agent.metrics import EdgeMetrics
+from edge_agent.outbox import Outbox
 from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
+from edge_agent.telemetry import Telemetry
 from shared.auth import key_ring
 from shared.errors import GKTError
 from shared.lifecycle import Lifecycle, watchdog
@@ -37,6 +41,18 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
     tls = settings.cloud_ca_file or settings.cloud_cert_file
     verify = client_context(settings.cloud_ca_file, settings.cloud_cert_file, settings.cloud_key_file) if tls else True
     return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers, verify=verify)
+
+
+def open_telemetry(settings: EdgeSettings, client: httpx.AsyncClient, metrics: EdgeMetrics) -> Telemetry | None:
+    """The answer records' outbox (one file per edge port, so two edges on a host never share one) and the
+    task that pushes it to the cloud; None when telemetry is off."""
+    if not settings.telemetry:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkt"
+    base = Path(settings.telemetry_dir) if settings.telemetry_dir else cache / "telemetry"
+    outbox = Outbox(base / f"outbox-{settings.port}.sqlite3", settings.telemetry_max_records)
+    return Telemetry(outbox, client, metrics, batch=settings.telemetry_batch, interval_s=settings.telemetry_interval_s,
+                     policy=RetryPolicy(base_s=1.0, cap_s=settings.telemetry_retry_cap_s))
 
 
 def create_app(
@@ -62,15 +78,22 @@ def create_app(
             breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
             read_timeout_s=settings.cloud_read_timeout_s,
         )
-        app.state.pipeline = Pipeline(engine, cloud, settings)
+        telemetry = open_telemetry(settings, client, metrics)
+        app.state.pipeline = Pipeline(engine, cloud, settings, telemetry.record if telemetry else None)
         lifecycle.checks.append(lambda: "engine stalled" if engine.stalled(settings.stall_timeout_s) else None)
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: engine.dead))
+        pusher = asyncio.create_task(telemetry.run()) if telemetry else None
         try:
             yield
         finally:
             guard.cancel()
             app.state.pipeline = None
+            if telemetry is not None and pusher is not None:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
+                await telemetry.flush(settings.telemetry_flush_timeout_s)  # after the drain: every answer is in
+                await asyncio.to_thread(telemetry.outbox.close)
             if http is None:
                 await client.aclose()
             if student is None:

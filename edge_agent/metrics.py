@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from edge_agent.protocol import Delta, Summary
 from shared.errors import GKTError
@@ -73,6 +73,17 @@ class EdgeMetrics(ServiceMetrics):
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
                                  ["kind", "reason"], registry=r)
+        # Fleet telemetry (edge_agent/telemetry.py): answer records pushed to the cloud.
+        self.telemetry_sent = Counter("gkt_edge_telemetry_sent_total", "Answer records the cloud acknowledged.",
+                                      registry=r)
+        self.telemetry_dropped = Counter("gkt_edge_telemetry_dropped_total",
+                                         "Answer records never delivered: reason=full (the outbox was full and "
+                                         "they were the oldest) or refused (the cloud rejected the record).",
+                                         ["reason"], registry=r)
+        for reason in ("full", "refused"):
+            self.telemetry_dropped.labels(reason)
+        self.telemetry_buffered = Gauge("gkt_edge_telemetry_buffered", "Answer records waiting for the cloud.",
+                                        registry=r)
 
     def rejected(self, route: str, mode: str, err: GKTError) -> None:
         self.requests.labels(route, mode, outcome_of(err)).inc()
