@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,12 +47,18 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
 
 def open_telemetry(settings: EdgeSettings, client: httpx.AsyncClient, metrics: EdgeMetrics) -> Telemetry | None:
     """The answer records' outbox (one file per edge port, so two edges on a host never share one) and the
-    task that pushes it to the cloud; None when telemetry is off."""
+    task that pushes it to the cloud; None when telemetry is off, or when the outbox cannot be opened (said
+    in the log: the edge answers anyway, as it does without its cloud)."""
     if not settings.telemetry:
         return None
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkt"
-    base = Path(settings.telemetry_dir) if settings.telemetry_dir else cache / "telemetry"
-    outbox = Outbox(base / f"outbox-{settings.port}.sqlite3", settings.telemetry_max_records)
+    path = (Path(settings.telemetry_dir) if settings.telemetry_dir else cache / "telemetry") / \
+        f"outbox-{settings.port}.sqlite3"
+    try:
+        outbox = Outbox(path, settings.telemetry_max_records)
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("gkt.telemetry").error("telemetry off: cannot open the outbox %s (%s)", path, exc)
+        return None
     return Telemetry(outbox, client, metrics, batch=settings.telemetry_batch, interval_s=settings.telemetry_interval_s,
                      policy=RetryPolicy(base_s=1.0, cap_s=settings.telemetry_retry_cap_s))
 

@@ -19,9 +19,11 @@ from pydantic import ValidationError
 
 from cloud_service.fleet import Fleet, FleetMetrics
 from cloud_service.ledger_db import LedgerStore
+from edge_agent.app import open_telemetry
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.outbox import Outbox
 from edge_agent.resilience import RetryPolicy
+from edge_agent.settings import EdgeSettings
 from edge_agent.telemetry import Telemetry
 from shared.errors import GKTError
 from shared.telemetry import AnswerBatch, AnswerRecord
@@ -217,3 +219,17 @@ async def test_a_database_that_is_down_refuses_the_batch(fleet: Fleet) -> None:
         await fleet.receive("edge-a", AnswerBatch(records=[rec(1)]))
     assert err.value.status == 503 and err.value.retry_after
     fleet.ledger.healthy = True
+
+
+def test_an_outbox_that_cannot_be_opened_turns_telemetry_off(tmp_path: Path) -> None:
+    """The edge answers anyway (as it does without its cloud); the log says why telemetry is off."""
+    (tmp_path / "a-file").write_text("")
+    client = httpx.AsyncClient(base_url="http://cloud")
+    settings = EdgeSettings(telemetry_dir=str(tmp_path / "a-file"), auth=False)
+    assert open_telemetry(settings, client, EdgeMetrics(CollectorRegistry())) is None
+    assert open_telemetry(settings.model_copy(update={"telemetry": False}), client,
+                          EdgeMetrics(CollectorRegistry())) is None
+    ok = open_telemetry(settings.model_copy(update={"telemetry_dir": str(tmp_path)}), client,
+                        EdgeMetrics(CollectorRegistry()))
+    assert ok is not None and ok.outbox.path == tmp_path / "outbox-8002.sqlite3"
+    ok.outbox.close()
