@@ -35,8 +35,10 @@ class AnswerRecord(BaseModel):
     teacher_cost: float = Field(ge=0, le=1e6, allow_inf_nan=False, description="As the cloud stated it.")
     teacher_only_cost: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False,
                                             description="Had the teacher written it all (None: no teacher prices).")
-    currency: str = Field("USD", min_length=3, max_length=8)
-    fallback: str | None = Field(None, max_length=64, description="Why no guidance arrived (the error code).")
+    # Every string is a code from a closed alphabet: nothing a database could refuse (NUL, surrogates) gets in.
+    currency: str = Field("USD", pattern=r"^[A-Z]{3,8}$")
+    fallback: str | None = Field(None, pattern=r"^[a-z_]{1,64}$", description="Why no guidance arrived (the "
+                                 "error code).")
     partial: bool = False
     finish: Literal["stop", "length"]
     at: datetime = Field(description="When the answer ended (UTC).")
@@ -46,7 +48,10 @@ class AnswerRecord(BaseModel):
     def _aware(cls, v: datetime) -> datetime:
         if v.tzinfo is None:
             raise ValueError("at must carry a time zone (UTC)")
-        return v.astimezone(UTC)
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:  # year 1 at +01:00 is before the first UTC instant
+            raise ValueError("at is out of range") from None
 
 
 class AnswerBatch(BaseModel):

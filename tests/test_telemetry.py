@@ -170,6 +170,9 @@ async def test_flush_stops_at_its_timeout_and_keeps_the_rest(tmp_path: Path) -> 
     {"records": [{**json.loads(rec(1).model_dump_json()), "at": "2026-12-07T01:00:00"}]},  # no time zone
     {"records": [{**json.loads(rec(1).model_dump_json()), "id": "../../etc"}]},
     {"records": [json.loads(rec(i).model_dump_json()) for i in range(501)]},
+    {"records": [{**json.loads(rec(1).model_dump_json()), "at": "0001-01-01T00:00:00+05:00"}]},
+    {"records": [{**json.loads(rec(1).model_dump_json()), "fallback": "oops\u0000"}]},
+    {"records": [{**json.loads(rec(1).model_dump_json()), "currency": "\ud800SD"}]},
 ])
 def test_bad_batches_are_refused(bad: dict) -> None:
     with pytest.raises(ValidationError):
