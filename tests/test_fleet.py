@@ -115,7 +115,8 @@ def test_e1_answers_reach_the_ledger_and_usage_per_edge(tmp_path: Path, stop_aft
     assert e["fallbacks"] == 1 and e["partial"] == 0
     assert e["student_tokens"] == sum(a["usage"]["student_tokens"] for a in answers) > 0
     assert e["student_cost"] == pytest.approx(sum(a["cost"]["student"] for a in answers))
-    assert e["teacher_cost"] == pytest.approx(sum(a["cost"]["teacher"] for a in answers)) > 0
+    assert e["teacher_cost"] == pytest.approx(sum(a["cost"]["teacher"] for a in answers))
+    assert e["teacher_cost"] > 0
     # The teacher's cost as the edge reported it is what the cloud billed this key for the same answers.
     assert e["teacher_cost"] == pytest.approx(usage["cost"])
     saved = [a["cost"]["saved"] for a in answers if a["cost"]["teacher_only"] is not None]
