@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from cloud_service.fleet import Fleet
 from cloud_service.serving import GuidanceService
 from shared.http import unless_disconnected
 from shared.protocol import (
@@ -19,6 +20,7 @@ from shared.protocol import (
     GuidanceResult,
 )
 from shared.tokenize import DetokenizeRequest, TokenizeRequest
+from shared.telemetry import TELEMETRY_PATH, AnswerBatch, BatchReceipt
 
 router = APIRouter()
 
@@ -27,7 +29,12 @@ def get_service(request: Request) -> GuidanceService:
     return request.app.state.service
 
 
+def get_fleet(request: Request) -> Fleet:
+    return request.app.state.fleet
+
+
 ServiceDep = Annotated[GuidanceService, Depends(get_service)]
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
 ROUTE_LABELS = {"/v1/guidance": "guidance", "/v1/guidance/batch": "batch"}
 
 
@@ -94,10 +101,18 @@ async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> dict[str, 
     return await service.engine.detokenize(body)
 
 
+@router.post(TELEMETRY_PATH, response_model=BatchReceipt)
+async def telemetry_answers(body: AnswerBatch, fleet: FleetDep, tenant: TenantDep) -> BatchReceipt:
+    """An edge's per-answer records (at least once: a record already stored is acknowledged, not stored again)."""
+    return await fleet.receive(tenant, body)
+
+
 @router.get("/v1/usage")
-async def usage(service: ServiceDep, tenant: TenantDep) -> dict[str, Any]:
-    """The calling key's usage totals and cost."""
-    return {"tenant": tenant, "currency": service.ledger.rates.currency, **vars(await service.ledger.tenant(tenant))}
+async def usage(service: ServiceDep, fleet: FleetDep, tenant: TenantDep) -> dict[str, Any]:
+    """The calling key's usage totals and cost, its edge's reported answers (``edge``), and for a fleet viewer
+    every edge's and the fleet's totals (``fleet``)."""
+    billed = vars(await service.ledger.tenant(tenant))
+    return {"tenant": tenant, "currency": service.ledger.rates.currency, **billed, **await fleet.usage(tenant)}
 
 
 @router.get("/v1/stats")

@@ -13,6 +13,7 @@ from cloud_service.adapters import router as adapters_router
 from cloud_service.api import ROUTE_LABELS, router
 from cloud_service.engine import TeacherEngine
 from cloud_service.engines import build_engine
+from cloud_service.fleet import Fleet, FleetMetrics
 from cloud_service.ledger_db import LedgerStore
 from cloud_service.metrics import CloudMetrics
 from cloud_service.serving import GuidanceService
@@ -38,6 +39,7 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
             )
         service = app.state.service = GuidanceService(teacher, settings, metrics, lifecycle)
         store = service.ledger.store
+        app.state.fleet = Fleet(store, fleet_metrics, settings.fleet_viewers)
         lifecycle.checks.append(lambda: store.reason)
         await store.check()
         metrics.bind_service(service)
@@ -55,6 +57,7 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
                 await teacher.aclose()
 
     metrics = CloudMetrics()
+    fleet_metrics = FleetMetrics(metrics.registry)
     lifecycle = Lifecycle()
 
     def on_invalid(request: Request, err: GKTError) -> None:
@@ -71,6 +74,7 @@ def create_app(settings: CloudSettings | None = None, engine: TeacherEngine | No
     app.state.adapters = AdapterShelf(settings.adapter_dir)
     app.state.settings = settings
     app.state.service = None
+    app.state.fleet = None
     return app
 
 

@@ -79,6 +79,10 @@ class CloudSettings(BaseSettings):
         5.0, gt=0, le=120, description="Longest a ledger write or query may take; then the database counts as down "
         "(not ready) and the answer ends with an error frame instead of an unbilled done frame.",
     )
+    fleet_viewers: str = Field(
+        "", description="Key names (comma-separated; `*` for every key) whose `/v1/usage` shows every edge's "
+        "reported answers and the fleet's totals; any other key sees its own edge's only.",
+    )
     cache_max_entries: int = Field(1024, ge=0, description="Guidance cache entries (0 turns the cache off).")
     cache_max_bytes: int = Field(16 * 2**20, ge=0, description="Guidance cache size bound in bytes of text.")
     price_input_per_mtok: float = Field(0.50, ge=0, description="Teacher price per million prompt tokens.")

@@ -14,7 +14,8 @@ COPY shared shared
 COPY cloud_service cloud_service
 COPY edge_agent edge_agent
 COPY gkt gkt
-RUN pip install . && useradd --create-home gkt && mkdir -p /models && chown gkt /models
+RUN pip install . && useradd --create-home gkt && mkdir -p /models /var/lib/gkt/telemetry \
+ && chown gkt /models /var/lib/gkt/telemetry
 COPY deploy/entrypoint.sh /entrypoint.sh
 USER gkt
 EXPOSE 8002

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
@@ -14,10 +18,12 @@ from edge_agent.adapters import AdapterFollower, base_sha256, startup_adapter
 from edge_agent.api import ROUTE_LABELS, ready_info, router
 from edge_agent.cloud import CloudClient
 from edge_agent.metrics import EdgeMetrics
+from edge_agent.outbox import Outbox
 from edge_agent.pipeline import Pipeline
 from edge_agent.resilience import CircuitBreaker, RetryPolicy
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
+from edge_agent.telemetry import Telemetry
 from shared.auth import key_ring
 from shared.errors import GKTError
 from shared.lifecycle import Lifecycle, watchdog
@@ -39,6 +45,24 @@ def cloud_http_client(settings: EdgeSettings) -> httpx.AsyncClient:
     tls = settings.cloud_ca_file or settings.cloud_cert_file
     verify = client_context(settings.cloud_ca_file, settings.cloud_cert_file, settings.cloud_key_file) if tls else True
     return httpx.AsyncClient(base_url=settings.cloud_url, timeout=timeout, headers=headers, verify=verify)
+
+
+def open_telemetry(settings: EdgeSettings, client: httpx.AsyncClient, metrics: EdgeMetrics) -> Telemetry | None:
+    """The answer records' outbox (one file per edge port, so two edges on a host never share one) and the
+    task that pushes it to the cloud; None when telemetry is off, or when the outbox cannot be opened (said
+    in the log: the edge answers anyway, as it does without its cloud)."""
+    if not settings.telemetry:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkt"
+    path = (Path(settings.telemetry_dir) if settings.telemetry_dir else cache / "telemetry") / \
+        f"outbox-{settings.port}.sqlite3"
+    try:
+        outbox = Outbox(path, settings.telemetry_max_records)
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("gkt.telemetry").error("telemetry off: cannot open the outbox %s (%s)", path, exc)
+        return None
+    return Telemetry(outbox, client, metrics, batch=settings.telemetry_batch, interval_s=settings.telemetry_interval_s,
+                     policy=RetryPolicy(base_s=1.0, cap_s=settings.telemetry_retry_cap_s))
 
 
 def create_app(
@@ -75,11 +99,13 @@ def create_app(
             breaker=CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s),
             read_timeout_s=settings.cloud_read_timeout_s,
         )
-        app.state.pipeline = Pipeline(engine, cloud, settings)
+        telemetry = open_telemetry(settings, client, metrics)
+        app.state.pipeline = Pipeline(engine, cloud, settings, telemetry.record if telemetry else None)
         lifecycle.checks.append(lambda: "engine stalled" if engine.stalled(settings.stall_timeout_s) else None)
         lifecycle.ready()
         guard = asyncio.create_task(watchdog(lifecycle, lambda: engine.dead))
         following = asyncio.create_task(follower.run()) if follower else None
+        pusher = asyncio.create_task(telemetry.run()) if telemetry else None
         try:
             yield
         finally:
@@ -89,6 +115,11 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await following
             app.state.pipeline = None
+            if telemetry is not None and pusher is not None:
+                pusher.cancel()
+                await asyncio.gather(pusher, return_exceptions=True)
+                await telemetry.flush(settings.telemetry_flush_timeout_s)  # after the drain: every answer is in
+                await asyncio.to_thread(telemetry.outbox.close)
             if http is None:
                 await client.aclose()
             if student is None:

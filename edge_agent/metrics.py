@@ -74,6 +74,17 @@ class EdgeMetrics(ServiceMetrics):
                                  "Answers finished without full guidance: kind=fallback (none arrived) or "
                                  "partial (the stream broke); reason is the error code.",
                                  ["kind", "reason"], registry=r)
+        # Fleet telemetry (edge_agent/telemetry.py): answer records pushed to the cloud.
+        self.telemetry_sent = Counter("gkt_edge_telemetry_sent_total", "Answer records the cloud acknowledged.",
+                                      registry=r)
+        self.telemetry_dropped = Counter("gkt_edge_telemetry_dropped_total",
+                                         "Answer records never delivered: reason=full (the outbox was full and "
+                                         "they were the oldest) or refused (the cloud rejected the record).",
+                                         ["reason"], registry=r)
+        for reason in ("full", "refused"):
+            self.telemetry_dropped.labels(reason)
+        self.telemetry_buffered = Gauge("gkt_edge_telemetry_buffered", "Answer records waiting for the cloud.",
+                                        registry=r)
         # An info gauge rather than an `adapter` label on every answer series: the adapter changes at run time,
         # and a label would split each counter into one series per version ever served. Join on `instance`.
         self.adapter_info = Gauge("gkt_edge_adapter_info",

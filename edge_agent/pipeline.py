@@ -14,7 +14,7 @@ continues from what arrived (``partial``). Either way the answer is not lost.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import assert_never
 
@@ -36,10 +36,12 @@ from edge_agent.student import LlamaEngine
 class Pipeline:
     """Plans and runs edge requests against the student engine and the cloud."""
 
-    def __init__(self, student: LlamaEngine, cloud: CloudClient, settings: EdgeSettings) -> None:
+    def __init__(self, student: LlamaEngine, cloud: CloudClient, settings: EdgeSettings,
+                 on_answer: Callable[[Summary], None] | None = None) -> None:
         self.student = student
         self.cloud = cloud
         self.settings = settings
+        self.on_answer = on_answer  # fleet telemetry: told of every completed answer (must not block)
 
     def plan(self, req: ChatCompletionRequest | CompletionRequest) -> Plan:
         return make_plan(req, self.student, self.settings)
@@ -56,7 +58,10 @@ class Pipeline:
                 parts.append(delta.text)
                 yield delta
         assert runner.finish is not None  # every runner decides how its answer ended
-        yield books.summary(runner.finish, "".join(parts), session.tokens)
+        summary = books.summary(runner.finish, "".join(parts), session.tokens)
+        if self.on_answer is not None:
+            self.on_answer(summary)
+        yield summary
 
     def _runner(self, plan: Plan, books: Books, session: StudentSession) -> Runner:
         """The one place that maps a mode and a policy to the way of answering."""

@@ -110,6 +110,30 @@ class EdgeSettings(BaseSettings):
         None, description="Mutual TLS: the certificate chain (PEM) this edge presents to the cloud."
     )
     cloud_key_file: str | None = Field(None, description="Mutual TLS: the private key of `cloud_cert_file` (PEM).")
+    telemetry: bool = Field(
+        True, description="Push each answer's record (tokens, times, cost, fallbacks) to the cloud "
+        "(`POST /v1/telemetry/answers`), for edges nobody can scrape; the cloud's `/v1/usage` and Grafana show them.",
+    )
+    telemetry_dir: str | None = Field(
+        None, description="Where the outbox of undelivered records lives (`outbox-<port>.sqlite3`). Default: "
+        "`$XDG_CACHE_HOME/gkt/telemetry`.",
+    )
+    telemetry_max_records: int = Field(
+        100_000, ge=1, le=100_000_000,
+        description="Outbox bound; when full the OLDEST records are dropped (`gkt_edge_telemetry_dropped_total`).",
+    )
+    telemetry_batch: int = Field(200, ge=1, le=500, description="Records per telemetry request.")
+    telemetry_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Longest a record waits before it is sent (a full batch goes at once)."
+    )
+    telemetry_retry_cap_s: float = Field(
+        60.0, gt=0, le=3600, description="Longest backoff between deliveries while the cloud is away (jittered "
+        "exponential from 1 s; records wait on disk meanwhile).",
+    )
+    telemetry_flush_timeout_s: float = Field(
+        5.0, ge=0, le=600, description="Shutdown: how long the remaining records may take to reach the cloud; "
+        "the rest stay in the outbox for the next start.",
+    )
     log_level: str = Field(
         "info", description="Python log level (every line of a request carries its request id)."
     )

@@ -102,6 +102,13 @@ TEACHER_SHARE = (
 )
 
 
+FLEET_SAVED = (
+    f"1 - (sum{{by}}(rate(gkt_cloud_fleet_student_cost_dollars_total[{W}])) + "
+    f"sum{{by}}(rate(gkt_cloud_fleet_teacher_cost_dollars_total[{W}]))) / "
+    f"sum{{by}}(rate(gkt_cloud_fleet_teacher_only_cost_dollars_total[{W}]))"
+)
+
+
 def dashboards() -> list[Dashboard]:
     overview = Dashboard("gkt-overview", "GKT overview", "Traffic, latency, teacher share and fallbacks of gkt.", [
         Panel("Answers by mode", "Answers per second at the edge, by mode (gkt, student, teacher).",
@@ -132,6 +139,21 @@ def dashboards() -> list[Dashboard]:
         Panel("Saved vs teacher-only", "1 - (teacher + student cost) / teacher-only cost.",
               [(f"1 - sum(rate(gkt_edge_cost_dollars_total[{W}])) / "
                 f"sum(rate(gkt_edge_teacher_only_cost_dollars_total[{W}]))", "saved")], "percentunit"),
+        # The fleet, from the records the edges push to the cloud (edges behind NAT that nobody scrapes too).
+        Panel("Fleet: answers by edge", "Answers per second each edge reported to the cloud (fleet telemetry), "
+              "and those of them that got no guidance.",
+              [(_rate("gkt_cloud_fleet_answers_total", "edge"), "{{edge}}"),
+               (_rate("gkt_cloud_fleet_fallbacks_total", "edge"), "{{edge}} fallback")], "reqps"),
+        Panel("Fleet: cost by edge", "Spend per second by edge and side (student: the edge's own; teacher: as the "
+              "cloud stated it), as the edges reported it.",
+              [(_rate("gkt_cloud_fleet_student_cost_dollars_total", "edge"), "{{edge}} student"),
+               (_rate("gkt_cloud_fleet_teacher_cost_dollars_total", "edge"), "{{edge}} teacher")], "currencyUSD"),
+        Panel("Fleet: saved vs teacher-only", "1 - (teacher + student cost) / teacher-only cost over the whole "
+              "fleet and per edge: the saving gkt exists to show.",
+              [(FLEET_SAVED.format(by=""), "fleet"), (FLEET_SAVED.format(by=" by (edge) "), "{{edge}}")],
+              "percentunit"),
+        Panel("Fleet: student tokens per second by edge", "Answer tokens the edges' students wrote, as reported.",
+              [(_rate("gkt_cloud_fleet_student_tokens_total", "edge"), "{{edge}}")], "short"),
     ])
     cloud = Dashboard("gkt-cloud", "GKT cloud", "The teacher: queue, throughput, refusals, latency.", [
         Panel("Queue and in-flight", "Guidance requests waiting for the teacher and being generated.",
@@ -179,6 +201,10 @@ def dashboards() -> list[Dashboard]:
                (f"sum(rate(gkt_edge_student_tokens_total[{W}]))", "student")], "short"),
         Panel("Handoff gap", "Last guidance token to the student's first token.",
               _quantiles("gkt_edge_handoff_gap_seconds"), "s"),
+        Panel("Telemetry outbox", "Answer records waiting for the cloud, and records dropped per second: the "
+              "oldest when the outbox was full, or refused by the cloud.",
+              [("sum(gkt_edge_telemetry_buffered)", "waiting"),
+               (_rate("gkt_edge_telemetry_dropped_total", "reason"), "dropped {{reason}}")], "short"),
     ])
     return [overview, cloud, edge]
 

@@ -35,6 +35,8 @@ CLIENT_AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
 # (``_own_ledger``), so the exact usage totals one test asserts never include another test's rows.
 _LEDGERS = Path(tempfile.mkdtemp(prefix="gkt-test-ledgers-"))
 os.environ["GKT_CLOUD_DATABASE_URL"] = f"sqlite:///{_LEDGERS / 'session.sqlite3'}"
+# Likewise the edges' telemetry outboxes (one file per edge port) never go to the user's cache.
+os.environ["GKT_EDGE_TELEMETRY_DIR"] = str(_LEDGERS / "telemetry")
 
 
 @pytest.fixture(autouse=True)

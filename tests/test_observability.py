@@ -80,6 +80,7 @@ def test_promtool_accepts_config() -> None:
 SMOL = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "2048",
         "GKT_CLOUD_MAX_GUIDANCE_TOKENS": "64",
         "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "2048",
+        "GKT_EDGE_TELEMETRY_INTERVAL_S": "0.5",  # the fleet panels: answer records reach the cloud at once
         **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS}
 
 
@@ -160,6 +161,8 @@ def test_metrics_counters_and_dashboard_queries(stack: tuple[Service, Service, S
             else:
                 cloud_ok += gkt["guidance_calls"]
         wait_scraped(prom, "sum(gkt_edge_requests_total)", float(sum(sent.values())))
+        answered = sum(n for (_, _, outcome), n in sent.items() if outcome != "rejected")
+        wait_scraped(prom, "sum(gkt_cloud_fleet_answers_total)", float(answered))  # E1: every answer reported
         time.sleep(2.5)  # a few more scrapes so every series has samples on both sides of the traffic
 
     # O1: counters equal the traffic exactly, gauges back to zero.
@@ -173,6 +176,9 @@ def test_metrics_counters_and_dashboard_queries(stack: tuple[Service, Service, S
     assert float(prom_query(prom, "gkt_edge_teacher_tokens_total")[0]["value"][1]) == teacher_tokens
     assert float(prom_query(prom, "gkt_edge_student_tokens_total")[0]["value"][1]) == student_tokens
     assert float(prom_query(prom, "gkt_cloud_guidance_tokens_total")[0]["value"][1]) == teacher_tokens
+    fleet = {s["metric"]["edge"]: float(s["value"][1]) for s in prom_query(prom, "gkt_cloud_fleet_fallbacks_total")}
+    assert fleet == {"tests": 2.0}
+    assert float(prom_query(prom, "gkt_cloud_fleet_student_tokens_total")[0]["value"][1]) == student_tokens
     fallbacks = prom_query(prom, "gkt_edge_fallbacks_total")
     assert [(f["metric"]["kind"], f["metric"]["reason"], f["value"][1]) for f in fallbacks] == [
         ("fallback", "invalid_request", "2")]

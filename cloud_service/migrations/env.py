@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from cloud_service import fleet_db  # noqa: F401  (its table joins the metadata)
 from cloud_service.ledger_db import metadata
 
 connection = context.config.attributes.get("connection")
