@@ -19,8 +19,8 @@ from shared.protocol import (
     GuidanceRequest,
     GuidanceResult,
 )
-from shared.tokenize import DetokenizeRequest, TokenizeRequest
 from shared.telemetry import TELEMETRY_PATH, AnswerBatch, BatchReceipt
+from shared.tokenize import DetokenizeRequest, TokenizeRequest
 
 router = APIRouter()
 

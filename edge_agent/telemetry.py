@@ -88,8 +88,11 @@ class Telemetry:
                 await self._send_due(deadline=None)
                 last_send = time.monotonic()
             wait = max(0.05, max(last_send + self.interval_s, self._next_try) - time.monotonic())
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result when the wake-up and a
+            # cancel arrive together, swallowing the cancel, and the shutdown that awaits this task hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def flush(self, timeout_s: float) -> None:
         """Shutdown: persist everything, then send until the outbox is empty or ``timeout_s`` has passed."""

@@ -128,6 +128,9 @@ def collect(args: argparse.Namespace) -> int:
     finally:
         if vocab is not None:
             vocab.close()
+    if collector.retried:
+        print(f"gkt distill collect: {collector.retried} requests sent again after a timeout or a busy cloud",
+              file=sys.stderr)
     print(f"{'strategy':14} {'answers':>8} {'kept':>6} {'yield':>7} {'top-k':>6} {'teacher tokens':>15}")
     for row in col.yields(args.out, args.strategies, task.name):
         print(f"{row['strategy']:14} {row['answers']:8d} {row['kept']:6d} {row['yield']:7.1%} "

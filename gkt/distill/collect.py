@@ -14,6 +14,7 @@ import asyncio
 import random
 import re
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,10 @@ class Collector:
         self.style, self.teacher_style, self.vocab, self.retries = style, teacher_style, vocab, retries
         self._client = httpx.AsyncClient(base_url=cloud_url.rstrip("/"), timeout=timeout,
                                          headers={"Authorization": f"Bearer {api_key}"})
+        # One Idempotency-Key per answer and run: a retry of an answer the cloud already generated (a timeout,
+        # a reset after the work) is billed once. Per run, not per question: asking again later is new work.
+        self._run = uuid.uuid4().hex[:12]
+        self.retried = 0  # requests sent again (the summary says so: a timed-out try may still be billed)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -97,9 +102,11 @@ class Collector:
         }
         if self.top_logprobs is not None:
             body["top_logprobs"] = self.top_logprobs
+        key = re.sub(r"[^A-Za-z0-9._:-]", "_", f"distill:{self._run}:{self.task.name}:{job.example.id}:{job.strategy}")
         for attempt in range(self.retries + 1):
+            self.retried += attempt > 0
             try:
-                resp = await self._client.post("/v1/guidance", json=body)
+                resp = await self._client.post("/v1/guidance", json=body, headers={"Idempotency-Key": key[:128]})
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise
