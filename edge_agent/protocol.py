@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from edge_agent.policies import GuidancePolicy, policy_from
 from shared.adapters import AdapterRef
 from shared.cost import AnswerCost, TeacherCost
-from shared.errors import ErrorCode, GKTError
+from shared.errors import InvalidBody
 from shared.protocol import ChatMessage, Timings, check_text, normalize_stop
 from shared.structured import ResponseFormat
 from shared.tasks import TASKS
@@ -120,7 +120,7 @@ class _Common(BaseModel):
     def _combinations(self) -> None:
         """Rules between fields (checked before the refusals, so they stay when a refusal goes)."""
         if self.max_tokens == 0 and not getattr(self, "echo", False):
-            raise GKTError(ErrorCode.invalid_request, "max_tokens must be at least 1 (0 only with echo)",
+            raise InvalidBody("max_tokens must be at least 1 (0 only with echo)",
                            param="max_tokens")
 
     @model_validator(mode="after")
@@ -128,7 +128,7 @@ class _Common(BaseModel):
         self._combinations()
         for name, in_effect in NOT_YET_HONOURED.items():
             if name in type(self).model_fields and in_effect(getattr(self, name)):
-                raise GKTError(ErrorCode.invalid_request, f"'{name}' is not supported by this edge yet; the "
+                raise InvalidBody(f"'{name}' is not supported by this edge yet; the "
                                "request was not answered rather than answered without it", param=name)
         return self
 
@@ -189,7 +189,7 @@ class ChatCompletionRequest(_Common):
     def _combinations(self) -> None:
         super()._combinations()
         if self.top_logprobs is not None and not self.logprobs:
-            raise GKTError(ErrorCode.invalid_request, "top_logprobs needs logprobs set to true",
+            raise InvalidBody("top_logprobs needs logprobs set to true",
                            param="top_logprobs")
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -208,7 +208,7 @@ class CompletionRequest(_Common):
     def _combinations(self) -> None:
         super()._combinations()
         if self.echo and self.mode == "teacher":
-            raise GKTError(ErrorCode.invalid_request, "echo is not available in teacher mode (the teacher's "
+            raise InvalidBody("echo is not available in teacher mode (the teacher's "
                            "prompt log-probabilities do not travel to the edge)", param="echo")
 
     @field_validator("prompt")

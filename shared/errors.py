@@ -8,6 +8,7 @@ retrying the same request may succeed. Bodies always use the OpenAI envelope::
 Exception tree::
 
     GKTError                      an error with a code from the table (safe to show to a client)
+    ├── InvalidBody               a request model's validator refused a field (400, counted as invalid)
     └── IncompleteStreamError     a guidance stream ended without a terminal frame (F1)
 
 Internal exceptions never reach a client as text: they become ``internal_error`` with a request id. Every
@@ -83,6 +84,15 @@ class GKTError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.code, self.message, param=self.param)
+
+
+class InvalidBody(GKTError):
+    """Raised by a request model's validators (a GKTError rather than a ValueError so the 400 names the exact
+    field, even inside a JSON schema). The error handler treats it as a body that failed validation: it never
+    reached a route, so ``on_invalid`` counts it."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(ErrorCode.invalid_request, message, param=param)
 
 
 class IncompleteStreamError(GKTError):

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import ErrorCode, GKTError, error_body
+from shared.errors import ErrorCode, GKTError, InvalidBody, error_body
 from shared.logs import REQUEST_ID
 
 log = logging.getLogger("gkt.http")
@@ -65,6 +65,8 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError
 
     @app.exception_handler(GKTError)
     async def _gkt(request: Request, exc: GKTError) -> JSONResponse:
+        if isinstance(exc, InvalidBody) and on_invalid is not None:
+            on_invalid(request, exc)  # a model validator's refusal: the body never reached its route either
         return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.errors import ErrorCode, GKTError
+from shared.errors import InvalidBody
 
 MAX_SCHEMA_BYTES = 65_536  # the schema as compact JSON
 MAX_DEPTH = 10  # objects and arrays nested in each other (OpenAI's limit for strict schemas)
@@ -33,9 +33,9 @@ TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", 
 DEFS = ("$defs", "definitions")
 
 
-def refuse(path: str, message: str) -> GKTError:
+def refuse(path: str, message: str) -> InvalidBody:
     """The 400 for a schema problem at ``path`` (a dotted path from the request's top level)."""
-    return GKTError(ErrorCode.invalid_request, f"{path}: {message}", param=path)
+    return InvalidBody(f"{path}: {message}", param=path)
 
 
 def join(*parts: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from shared.errors import ErrorCode, GKTError
+from shared.errors import ErrorCode, GKTError, InvalidBody
 from shared.protocol import ChatMessage, check_text
 
 MAX_DETOKENIZE = 131_072
@@ -77,7 +77,7 @@ class TokenizeRequest(BaseModel):
             if self.messages[-1].role != "assistant":
                 raise ValueError("continue_final_message needs a final assistant message")
         elif not self.add_generation_prompt:
-            raise GKTError(ErrorCode.invalid_request, "add_generation_prompt false is not supported (the chat "
+            raise InvalidBody("add_generation_prompt false is not supported (the chat "
                            "template is rendered with the assistant turn open)", param="add_generation_prompt")
         return self
 

@@ -131,12 +131,13 @@ def prom_query(prom: Service, expr: str) -> list[dict]:
 
 def wait_scraped(prom: Service, expr: str, value: float, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
+    res: list[dict] = []
     while time.monotonic() < deadline:
         res = prom_query(prom, expr)
         if res and float(res[0]["value"][1]) == value:
             return
         time.sleep(0.5)
-    raise AssertionError(f"{expr} never reached {value}")
+    raise AssertionError(f"{expr} never reached {value}: {res}; edge: {prom_query(prom, 'gkt_edge_requests_total')}")
 
 
 def test_metrics_counters_and_dashboard_queries(stack: tuple[Service, Service, Service]) -> None:
