@@ -10,8 +10,8 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Literal
 
+from edge_agent.answer import GKTInfo, Summary
 from edge_agent.plan import Plan
-from edge_agent.protocol import GKTInfo, Summary
 from edge_agent.settings import EdgeSettings
 from shared.cost import AnswerCost, StudentRates, TeacherCost, answer_cost
 from shared.generation import GenerationResult

@@ -16,11 +16,11 @@ from contextlib import aclosing
 from time import perf_counter
 from typing import Any, Literal
 
+from edge_agent.answer import GKTInfo, GuidanceCall
 from edge_agent.cloud import CloudClient
 from edge_agent.fastpath import Prefetcher
 from edge_agent.plan import Plan
 from edge_agent.policies import FirstStop
-from edge_agent.protocol import GKTInfo, GuidanceCall
 from edge_agent.seam import GuidanceSeam
 from shared.errors import GKTError
 from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, TokenFrame

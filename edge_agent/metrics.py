@@ -8,7 +8,7 @@ from time import perf_counter
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from edge_agent.protocol import Delta, Summary
+from edge_agent.answer import Delta, Summary
 from shared.adapters import REASONS, AdapterRef
 from shared.errors import GKTError
 from shared.metrics import (

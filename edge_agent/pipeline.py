@@ -19,11 +19,12 @@ from contextlib import aclosing
 from typing import assert_never
 
 from edge_agent.accounting import Books
+from edge_agent.answer import Delta, Summary
 from edge_agent.cloud import CloudClient
 from edge_agent.guidance import Guidance
 from edge_agent.plan import Plan, make_plan
 from edge_agent.policies import AdaptivePolicy, FixedPolicy, ReguidePolicy, VerifyPolicy, first_stop
-from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Delta, Summary
+from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.runners import Runner
 from edge_agent.runners.guided import GuidedRunner
 from edge_agent.runners.teacher import TeacherRunner

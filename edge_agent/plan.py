@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from edge_agent.answer import Mode
 from edge_agent.policies import FixedPolicy, Policy, first_stop
-from edge_agent.protocol import ChatCompletionRequest, CompletionRequest, Mode
+from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
 from shared.errors import ErrorCode, GKTError

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import anyio
 
-from edge_agent.protocol import Delta, Summary
+from edge_agent.answer import Delta, Summary
 from shared.errors import ErrorCode, GKTError
 
 Kind = Literal["chat", "completion"]

@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 
 import httpx
 
+from edge_agent.answer import Summary
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.outbox import Outbox
-from edge_agent.protocol import Summary
 from edge_agent.resilience import RetryPolicy
 from shared.telemetry import MAX_BATCH, TELEMETRY_PATH, AnswerRecord
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Literal, Protocol
 
-from edge_agent.protocol import Delta
+from edge_agent.answer import Delta
 
 Finish = Literal["stop", "length"]
 

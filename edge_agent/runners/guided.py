@@ -18,10 +18,10 @@ from contextlib import aclosing
 from time import perf_counter
 
 from edge_agent.accounting import Books
+from edge_agent.answer import Delta, GuidanceCall
 from edge_agent.guidance import Guidance
 from edge_agent.plan import Plan
 from edge_agent.policies import FirstStop, ReguidePolicy, Reguider, Trigger
-from edge_agent.protocol import Delta, GuidanceCall
 from edge_agent.rollback import StudentRound
 from edge_agent.runners import Finish
 from edge_agent.session import StudentSession

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from edge_agent.answer import Delta, GKTInfo
 from edge_agent.guidance import Guidance
 from edge_agent.plan import Plan
-from edge_agent.protocol import Delta, GKTInfo
 from edge_agent.runners import Finish
 
 

@@ -18,9 +18,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from edge_agent.accounting import Books
+from edge_agent.answer import Delta, Source
 from edge_agent.guidance import Guidance
 from edge_agent.policies import VerifyPolicy, kept_tokens
-from edge_agent.protocol import Delta, Source
 from edge_agent.runners import Finish
 from edge_agent.session import StudentSession
 from shared.generation import GenerationResult, StopMatcher
