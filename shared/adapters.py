@@ -8,16 +8,16 @@ matches the manifest, and loads it only onto the base model whose sha256 the man
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.models import sha256_file
+
 MANIFEST_SUFFIX = ".json"
 # Why an adapter was refused, as metrics label it (a fixed set).
 REASONS = ("corrupt", "mismatch", "unreachable", "missing", "invalid", "load_failed")
-_CHUNK = 1 << 20
 
 
 class AdapterError(RuntimeError):
@@ -65,15 +65,6 @@ class AdapterRef(BaseModel):
     sha256: str
     scale: float
     base_model: str | None = None
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(path: Path) -> AdapterManifest:

@@ -109,7 +109,8 @@ def resolve(name_or_path: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 4 MiB chunks (models, adapters; stdlib only: the distill venv uses it)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
@@ -121,7 +122,7 @@ def verify(name: str) -> bool:
     """Full check of a cached model: size and sha256."""
     spec = REGISTRY[name]
     path = model_path(name)
-    return path.is_file() and path.stat().st_size == spec.size and _sha256(path) == spec.sha256
+    return path.is_file() and path.stat().st_size == spec.size and sha256_file(path) == spec.sha256
 
 
 def fetch(name: str, *, log=print) -> Path:

@@ -8,12 +8,13 @@ GGUF adapter converter needs. Folders are keyed by the GGUF's sha256 and appear 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+
+from shared.models import sha256_file
 
 
 def cache_root() -> Path:
@@ -21,14 +22,6 @@ def cache_root() -> Path:
     if env := os.environ.get("GKT_DISTILL_CACHE"):
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gkt" / "distill"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def prepare(gguf: Path, log=print) -> tuple[Path, str]:
