@@ -151,8 +151,11 @@ class Telemetry:
         timeout = None if deadline is None else max(0.1, deadline - time.monotonic())
         try:
             kwargs = {} if timeout is None else {"timeout": timeout}
-            resp = await self.client.post(TELEMETRY_PATH, content=content,
-                                          headers={"Content-Type": "application/json"}, **kwargs)
+            # Connection: close: a batch goes every few seconds at most, so a kept-alive socket would sit idle
+            # in the answers' pool between batches (the load and slow-reader scenarios, C4 and N2, saw the
+            # edge's descriptors up by one); a handshake per batch is cheap at that rate.
+            resp = await self.client.post(TELEMETRY_PATH, content=content, headers={
+                "Content-Type": "application/json", "Connection": "close"}, **kwargs)
         except httpx.HTTPError as exc:
             log.debug("telemetry: cloud unreachable (%s)", type(exc).__name__)
             return 0
