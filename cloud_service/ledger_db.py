@@ -152,20 +152,21 @@ class LedgerStore:
             log.error("ledger %s: %s; the cloud is not ready until it is back", reason, str(exc)[:300])
         self.healthy, self.reason = False, reason
 
-    async def migrate(self) -> None:
-        """Alembic ``upgrade head`` on this database (the cookbook's connection-sharing recipe, made async)."""
+    async def migrate(self, revision: str = "head") -> None:
+        """Alembic ``upgrade`` to ``revision`` on this database (the cookbook's connection-sharing recipe, made
+        async); the cloud always goes to ``head``, tests build older databases with an earlier revision."""
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
 
         def upgrade(conn: Connection) -> None:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
 
         async with self.engine.begin() as conn:
             if self.dialect == "postgresql":
                 await conn.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
             await conn.run_sync(upgrade)
-        self._migrated = True
+        self._migrated = revision == "head"
 
     async def write(self, row: dict[str, Any]) -> None:
         """Insert the row; for a key already billed, replace only an abandoned (cancelled) attempt."""

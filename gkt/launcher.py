@@ -123,6 +123,18 @@ def edge_service(port: int, cloud_url: str, env: dict[str, str] | None = None,
                    {"GKT_EDGE_PORT": str(port), "GKT_EDGE_CLOUD_URL": cloud_url, **(env or {})}, log_path=log_path)
 
 
+def until_one_exits(services: list[Service], what: str) -> int:
+    """Block while every service runs; when one exits, say so (``what``) and return 1. Ctrl-C: 0. The caller
+    stops the rest (its ``finally``). For the foreground commands that do not supervise (testbed, agent)."""
+    try:
+        while all(s.proc and s.proc.poll() is None for s in services):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    print(what, file=sys.stderr)
+    return 1
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="run the cloud and the edge locally until interrupted")
     p.add_argument("--cloud-port", type=int, default=int(os.environ.get("GKT_CLOUD_PORT", 8001)))

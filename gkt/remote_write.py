@@ -20,10 +20,9 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from gkt.launcher import Service
+from gkt.launcher import Service, until_one_exits
 
 EDGE_LABEL = "edge"
 EDGE_NAME_ENV = "GKT_EDGE_NAME"
@@ -123,10 +122,7 @@ def run_agent(args: argparse.Namespace) -> int:
         agent.start().wait_ready()
         print(f"metrics agent up: scraping {args.edge} as {EDGE_LABEL}={args.edge_name!r}, pushing to "
               f"{args.remote_write} (WAL in {data}). Ctrl-C stops it.", flush=True)
-        while agent.proc and agent.proc.poll() is None:
-            time.sleep(0.5)
-        print("the agent exited", file=sys.stderr)
-        return 1
+        return until_one_exits([agent], "the agent exited")
     except KeyboardInterrupt:
         return 0
     finally:

@@ -12,7 +12,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from gkt.launcher import (
@@ -23,6 +22,7 @@ from gkt.launcher import (
     edge_service,
     free_port,
     local_auth_env,
+    until_one_exits,
 )
 from gkt.observability import prometheus_config
 from gkt.remote_write import agent_service, central_service
@@ -81,10 +81,7 @@ gkt testbed is up (Ctrl-C stops it):
   then query {prom.url}/graph?g0.expr=gkt_edge_requests_total
   Grafana (where installed): provision deploy/grafana/provisioning and point the datasource at {prom.url}
 """, flush=True)
-        while all(s.proc and s.proc.poll() is None for s in services):
-            time.sleep(0.5)
-        print("a service exited; stopping", file=sys.stderr)
-        return 1
+        return until_one_exits(services, "a service exited; stopping")
     except KeyboardInterrupt:
         return 0
     finally:

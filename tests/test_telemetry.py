@@ -14,13 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from alembic import command
-from alembic.config import Config
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from cloud_service.fleet import Fleet, FleetMetrics
-from cloud_service.ledger_db import MIGRATIONS, LedgerStore
+from cloud_service.ledger_db import LedgerStore
 from edge_agent.app import open_telemetry
 from edge_agent.metrics import EdgeMetrics
 from edge_agent.outbox import Outbox
@@ -243,15 +241,8 @@ def test_an_outbox_that_cannot_be_opened_turns_telemetry_off(tmp_path: Path) -> 
 async def test_a_ledger_from_before_fleet_telemetry_is_migrated(tmp_path: Path) -> None:
     """A database at revision 0001 (the ledger alone, with a row) gets the fleet table at start-up; the row stays."""
     store = LedgerStore(f"sqlite:///{tmp_path / 'old.sqlite3'}")
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-
-    def to_0001(conn: object) -> None:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
-
+    await store.migrate("0001")
     async with store.engine.begin() as conn:
-        await conn.run_sync(to_0001)
         await conn.exec_driver_sql(
             "INSERT INTO ledger (tenant, request_key, request_id, model, finish_reason, cached, prompt_tokens, "
             "completion_tokens, cached_tokens, engine_s, currency, cost, created_at) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -50,28 +51,33 @@ def _mark(s: Stream, text: str) -> None:
     s.text += text
 
 
+async def sse_objects(http: httpx.AsyncClient, url: str, body: dict[str, Any], who: str) -> AsyncIterator[dict]:
+    """The JSON objects of an OpenAI-style event stream POSTed to ``url`` (``[DONE]`` ends it); a status other
+    than 200 is a RuntimeError naming ``who`` answered it."""
+    dec = SSEDecoder()
+    async with http.stream("POST", url, json=body, timeout=TIMEOUT) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{who} answered {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for chunk in r.aiter_bytes():
+            for data in dec.feed(chunk):
+                if data != "[DONE]":
+                    yield json.loads(data)
+
+
 async def edge_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Stream:
     """Stream an answer from the edge (chat when ``messages`` is given, else a text completion);
     ``tokens`` = completion tokens from the usage chunk."""
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     s = Stream(perf_counter())
-    dec = SSEDecoder()
-    async with http.stream("POST", url + route, json=body, timeout=TIMEOUT) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"edge answered {r.status_code}: {(await r.aread()).decode()[:300]}")
-        async for chunk in r.aiter_bytes():
-            for data in dec.feed(chunk):
-                if data == "[DONE]":
-                    continue
-                obj = json.loads(data)
-                for choice in obj.get("choices", []):
-                    if text := choice.get("delta", {}).get("content") or choice.get("text"):
-                        _mark(s, text)
-                if "gkt" in obj and "mode" in obj["gkt"]:
-                    s.final = obj["gkt"]
-                if obj.get("usage"):
-                    s.tokens = obj["usage"]["completion_tokens"]
+    async for obj in sse_objects(http, url + route, body, "edge"):
+        for choice in obj.get("choices", []):
+            if text := choice.get("delta", {}).get("content") or choice.get("text"):
+                _mark(s, text)
+        if "gkt" in obj and "mode" in obj["gkt"]:
+            s.final = obj["gkt"]
+        if obj.get("usage"):
+            s.tokens = obj["usage"]["completion_tokens"]
     s.t_end = perf_counter()
     return s
 
@@ -101,22 +107,14 @@ async def openai_completion(http: httpx.AsyncClient, base_url: str, body: dict[s
     """Stream a text completion from any OpenAI-compatible server (vLLM); ``tokens`` = completion tokens
     from the usage chunk (the count of text chunks where the server sends none)."""
     s = Stream(perf_counter())
-    dec = SSEDecoder()
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     usage: dict[str, Any] = {}
-    async with http.stream("POST", base_url + "/completions", json=body, timeout=TIMEOUT) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"upstream answered {r.status_code}: {(await r.aread()).decode()[:300]}")
-        async for chunk in r.aiter_bytes():
-            for data in dec.feed(chunk):
-                if data == "[DONE]":
-                    continue
-                obj = json.loads(data)
-                usage = obj.get("usage") or usage
-                for choice in obj.get("choices", []):
-                    if text := choice.get("text"):
-                        _mark(s, text)
-                        s.tokens += 1
+    async for obj in sse_objects(http, base_url + "/completions", body, "upstream"):
+        usage = obj.get("usage") or usage
+        for choice in obj.get("choices", []):
+            if text := choice.get("text"):
+                _mark(s, text)
+                s.tokens += 1
     s.t_end = perf_counter()
     s.tokens = int(usage.get("completion_tokens") or s.tokens)
     return s
