@@ -4,8 +4,9 @@ Requests go to a live cloud's ``/v1/guidance`` (non-streaming) with an edge's ke
 batched by the scheduler with whatever else the cloud serves, and billed to that key by the ledger; ``workers``
 requests are in flight at once so the scheduler has sequences to batch. Every answer, kept or not, becomes one
 line of the transfer set (transfer.py) keyed by (task, question, strategy): a rerun reads the file and asks only
-what is missing, so a killed collection continues where it stopped. An answer is a lesson only when its
-extracted answer matches the gold one (``correct``); the trainer reads only those.
+what is missing, so a killed collection continues where it stopped. An answer is a lesson only when its answer
+line states the gold answer (``correct``; the extractor's fallback guess does not count); the trainer reads
+only those.
 """
 
 from __future__ import annotations
