@@ -10,7 +10,7 @@ from starlette.background import BackgroundTask
 
 from cloud_service.fleet import Fleet
 from cloud_service.serving import GuidanceService
-from shared.http import unless_disconnected
+from shared.http import app_state, unless_disconnected
 from shared.protocol import (
     PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -25,16 +25,8 @@ from shared.tokenize import DetokenizeRequest, TokenizeRequest
 router = APIRouter()
 
 
-def get_service(request: Request) -> GuidanceService:
-    return request.app.state.service
-
-
-def get_fleet(request: Request) -> Fleet:
-    return request.app.state.fleet
-
-
-ServiceDep = Annotated[GuidanceService, Depends(get_service)]
-FleetDep = Annotated[Fleet, Depends(get_fleet)]
+ServiceDep = Annotated[GuidanceService, Depends(app_state("service"))]
+FleetDep = Annotated[Fleet, Depends(app_state("fleet"))]
 ROUTE_LABELS = {"/v1/guidance": "guidance", "/v1/guidance/batch": "batch"}
 
 

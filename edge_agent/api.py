@@ -12,22 +12,14 @@ from edge_agent.pipeline import Pipeline
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.responses import Envelope, Kind, collect, stream
 from shared.errors import GKTError
-from shared.http import unless_disconnected
+from shared.http import app_state, unless_disconnected
 from shared.tokenize import DetokenizeRequest, LlamaVocabulary, TokenizeRequest, detokenize, tokenize
 
 router = APIRouter()
 
 
-def get_pipeline(request: Request) -> Pipeline:
-    return request.app.state.pipeline
-
-
-def get_metrics(request: Request) -> EdgeMetrics:
-    return request.app.state.metrics
-
-
-PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
-MetricsDep = Annotated[EdgeMetrics, Depends(get_metrics)]
+PipelineDep = Annotated[Pipeline, Depends(app_state("pipeline"))]
+MetricsDep = Annotated[EdgeMetrics, Depends(app_state("metrics"))]
 ROUTE_LABELS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 

@@ -31,6 +31,17 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HTTP_CODES = {404: ErrorCode.not_found, 405: ErrorCode.method_not_allowed, 413: ErrorCode.payload_too_large}
 
 
+def app_state(name: str) -> Callable[[Request], object]:
+    """A FastAPI dependency that returns ``app.state.<name>``, the object an app factory put there (routes
+    declare ``Annotated[Type, Depends(app_state("name"))]`` and never reach into ``request.app`` themselves)."""
+
+    def dependency(request: Request) -> object:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"app_state_{name}"
+    return dependency
+
+
 def request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "") or "-"
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from gkt.launcher import Service
-from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, auth_for, run_pair
+from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, auth_for, pair_fixture
 
 LIMITS = {
     "GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "512",
@@ -23,9 +23,7 @@ LIMITS = {
 }
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    yield from run_pair(tmp_path_factory.mktemp("bad"), LIMITS)
+services = pair_fixture(LIMITS, name="services")
 
 
 @pytest.fixture(scope="module")

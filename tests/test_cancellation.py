@@ -9,22 +9,18 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 
 from gkt.launcher import Service
-from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, run_pair
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, pair_fixture
 
 ENV = {"GKT_CLOUD_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_THREADS": "1", "GKT_CLOUD_N_CTX": "4096",
        "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_EDGE_N_THREADS": "1", "GKT_EDGE_N_CTX": "4096",
        **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS}
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    yield from run_pair(tmp_path_factory.mktemp("cancel"), ENV)
+pair = pair_fixture(ENV)
 
 
 def metric(svc: Service, name: str, labels: str = "") -> float:

@@ -4,7 +4,6 @@ teacher's through the cloud. Real cloud and edge (SmolLM2 on both sides: refusal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 
 from edge_agent.protocol import NOT_YET_HONOURED
 from gkt.launcher import Service
-from tests.conftest import CLIENT_AUTH, CLIENT_KEY, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, run_pair
+from tests.conftest import CLIENT_AUTH, CLIENT_KEY, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, pair_fixture
 
 pytestmark = pytest.mark.models
 
@@ -47,9 +46,7 @@ IN_EFFECT: dict[str, tuple[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-    yield from run_pair(tmp_path_factory.mktemp("fields"), ENV)
+services = pair_fixture(ENV, name="services")
 
 
 @pytest.fixture(scope="module")
