@@ -59,9 +59,11 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
         raw = req.prompt
         param = "prompt"
     stop = list(req.stop)
+    teacher_raw = raw
     if task is not None:
         question = raw if raw is not None else next(m.content for m in reversed(messages or []) if m.role == "user")
-        raw, messages = task.build_prompt(question), None
+        raw, messages = task.build_prompt(question, settings.task_prompt), None
+        teacher_raw = task.build_prompt(question, settings.teacher_task_prompt)
         stop += [s for s in task.stop if s not in stop]
     special = messages is not None
     prefix = student.render_chat([m.model_dump() for m in messages]) if messages else (raw or "")
@@ -81,7 +83,7 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
     if mode != "student":
         try:
             guidance = GuidanceRequest(
-                messages=messages, prompt=raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
+                messages=messages, prompt=teacher_raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
                 seed=req.seed, stop=stop, stream=True, whole_words=mode == "gkt",
             )
         except ValidationError as exc:  # e.g. a teacher-mode answer longer than the wire protocol allows

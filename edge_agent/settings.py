@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.models import DEFAULT_STUDENT
+from shared.tasks import PromptStyle
 from shared.tls import check_files
 
 
@@ -94,6 +95,16 @@ class EdgeSettings(BaseSettings):
     )
     price_cpu_per_hour: float = Field(0.01, ge=0, description="Student price per CPU-core hour of engine time.")
     default_mode: Literal["gkt", "student", "teacher"] = Field("gkt", description="Mode when a request names none.")
+    task_prompt: PromptStyle = Field(
+        "few_shot", description="The student's prompt for a request that names a `task`: the exemplars, or one "
+        "instruction line (`zero_shot`, ~30 tokens instead of ~750 on GSM8K; what `gkt distill` trains adapters "
+        "on, docs/DISTILL.md).",
+    )
+    teacher_task_prompt: PromptStyle = Field(
+        "few_shot", description="The teacher's prompt for the same request (gkt and teacher modes). The guidance "
+        "continues the student's prompt whichever the teacher read; the exemplars keep the teacher's answers short "
+        "and in the answer format, and the cloud keeps their prefix cached.",
+    )
     default_guidance_tokens: int = Field(40, ge=1, le=8192, description="k when a request names none.")
     default_max_tokens: int = Field(
         512, ge=1, le=131072, description="Answer length when a request names none (clamped to the context)."
