@@ -10,6 +10,7 @@ nothing about unseen questions.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
@@ -33,3 +34,11 @@ def select(task: Task, examples: Iterable[Example], split: Split) -> Iterator[Ex
     for example in examples:
         if not task.is_exemplar(example.question) and split_of(task.name, example.id) == split:
             yield example
+
+
+def seeded_train(task: Task, examples: Iterable[Example], seed: int = 0) -> list[Example]:
+    """The ``train`` part in one seeded order: ``gkt distill collect -n N --seed S`` asks the first N, and
+    ``gkt distill train --source gold -n N --seed S`` learns the gold solutions of the same N (paired runs)."""
+    pool = list(select(task, examples, "train"))
+    random.Random(seed).shuffle(pool)
+    return pool

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from gkt.eval.records import sample
-from shared.splits import select, split_of
+from shared.splits import seeded_train, select, split_of
 from shared.tasks import CSQA, GSM8K, TASKS, Example
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+GSM8K_DATA = DATA / "gsm8k" / "train.jsonl"
 
 
 def test_the_rule_is_the_lead_s() -> None:
@@ -51,3 +52,16 @@ def test_eval_draws_only_from_the_requested_split() -> None:
     assert len(dev) == 50 and all(split_of("gsm8k", e.id) == "dev" for e in dev)
     assert sample(GSM8K, path, 20, 0, "dev") == dev[:20]  # a smaller sample is still a prefix
     assert all(split_of("gsm8k", e.id) == "train" for e in sample(GSM8K, path, 50, 0, "train"))
+
+
+def test_gold_lessons_are_the_questions_collect_asks_first() -> None:
+    """`gkt distill train --source gold -n N` and `gkt distill collect -n N` (same seed) use the same N
+    questions, so plain fine-tuning and distillation are compared on the same data."""
+    from gkt.distill import collect, data
+
+    jobs = collect.plan(GSM8K, GSM8K_DATA, ["ground_truth"], 20, 0)
+    gold = data.from_gold("gsm8k", GSM8K_DATA, "zero_shot")[:20]
+    assert [GSM8K.build_prompt(j.example.question, "zero_shot") for j in jobs] == [t.prompt for t in gold]
+    assert {j.example.id for j in jobs} == {e.id for e in seeded_train(GSM8K, GSM8K.load(GSM8K_DATA))[:20]}
+    assert all(split_of("gsm8k", j.example.id) == "train" for j in jobs)
+    assert seeded_train(GSM8K, GSM8K.load(GSM8K_DATA), 1)[:20] != seeded_train(GSM8K, GSM8K.load(GSM8K_DATA))[:20]

@@ -27,7 +27,7 @@ import httpx
 from gkt.distill import transfer
 from gkt.distill.priming import Strategy, student_prompt, teacher_prompt
 from gkt.eval.progress import Progress
-from shared.splits import select
+from shared.splits import seeded_train
 from shared.tasks import Example, PromptStyle, Task
 
 RETRY_STATUSES = {429, 502, 503, 504}  # the cloud's "busy" and "try again" answers (shared/errors.py)
@@ -157,9 +157,7 @@ def lesson_text(task: Task, text: str) -> str:
 
 def plan(task: Task, data: Path, strategies: list[Strategy], n: int | None, seed: int) -> list[Job]:
     """The train questions (a seeded sample of n, or all), each under every strategy, question by question."""
-    pool = list(select(task, task.load(data), "train"))
-    random.Random(seed).shuffle(pool)
-    return [Job(e, s) for e in pool[:n] for s in strategies]
+    return [Job(e, s) for e in seeded_train(task, task.load(data), seed)[:n] for s in strategies]
 
 
 async def run(collector: Collector, jobs: list[Job], out: Path, workers: int,

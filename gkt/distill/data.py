@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gkt.distill import transfer
-from shared.splits import select
+from shared.splits import seeded_train
 from shared.tasks import TASKS, PromptStyle
 
 
@@ -45,11 +45,12 @@ def from_transfer(paths: list[Path], task: str, strategies: list[str] | None) ->
     return texts
 
 
-def from_gold(task_name: str, data: Path, style: PromptStyle) -> list[Text]:
-    """Plain fine-tuning: the train split's gold solutions (the answer line alone where there is none)."""
+def from_gold(task_name: str, data: Path, style: PromptStyle, seed: int = 0) -> list[Text]:
+    """Plain fine-tuning: the train split's gold solutions (the answer line alone where there is none), in the
+    order ``collect`` asks the questions with the same seed, so the first n are the same n questions."""
     task = TASKS[task_name]
     return [Text(task.build_prompt(e.question, style), " " + (e.solution or task.answer_line(e.gold)))
-            for e in select(task, task.load(data), "train")]
+            for e in seeded_train(task, task.load(data), seed)]
 
 
 def tokenize(texts: list[Text], tokenizer: Any, max_len: int) -> tuple[list[Sample], dict[str, int]]:

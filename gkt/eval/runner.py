@@ -105,6 +105,7 @@ def make_record(example: Example, config: RunConfig, resp: dict[str, Any], wall:
         "guidance_complete": info.get("guidance_complete", False), "fallback": info.get("fallback"),
         "partial": info.get("partial", False), "cloud_error": info.get("cloud_error"),
         "teacher_model": info.get("teacher_model"), "student_model": info.get("student_model"),
+        "adapter": info.get("adapter"),  # the student's LoRA adapter (name, sha256, scale), None for the base
         "usage": info["usage"], "timings": info["timings"], "wall_s": wall,
     }
 
