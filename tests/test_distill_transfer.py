@@ -10,7 +10,7 @@ import pytest
 
 from gkt.distill import transfer
 from gkt.distill.collect import Collector, Job, lesson_text, teacher_logprobs
-from gkt.distill.priming import STRATEGIES, student_prompt, teacher_prompt
+from gkt.distill.priming import STRATEGIES, stop_sequences, student_prompt, teacher_prompt
 from shared.tasks import CSQA, GSM8K, Example
 
 
@@ -114,6 +114,16 @@ def test_priming_wraps_only_the_teacher_prompt() -> None:
     assert "So the answer is (B)." in teacher_prompt(CSQA, choice, "ground_truth")
     with pytest.raises(ValueError, match="unknown priming strategy"):
         teacher_prompt(GSM8K, ex, "socratic")  # type: ignore[arg-type]
+
+
+def test_ground_truth_stops_at_the_priming_s_answer_template() -> None:
+    """The template the priming quotes ends the teacher's answer (it was seen repeating it to the budget); the
+    template never states a number, so no lesson could have ended there."""
+    assert stop_sequences(GSM8K, "ground_truth") == [*GSM8K.stop, "The answer is N."]
+    assert stop_sequences(CSQA, "ground_truth") == [*CSQA.stop, "So the answer is (X)."]
+    assert all(stop_sequences(GSM8K, s) == list(GSM8K.stop) for s in STRATEGIES if s != "ground_truth")
+    assert GSM8K.stated_answer(" 3 + 4 = 7. The answer is 7. ") == "7"
+    assert GSM8K.stated_answer(" The answer is N.") is None
 
 
 def test_a_lesson_ends_with_its_answer_line_and_must_state_the_gold_answer() -> None:

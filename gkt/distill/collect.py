@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from gkt.distill import transfer
-from gkt.distill.priming import Strategy, student_prompt, teacher_prompt
+from gkt.distill.priming import Strategy, stop_sequences, student_prompt, teacher_prompt
 from gkt.eval.progress import Progress
 from shared.splits import seeded_train
 from shared.tasks import Example, PromptStyle, Task
@@ -99,7 +99,8 @@ class Collector:
     async def ask(self, job: Job) -> dict[str, Any]:
         body: dict[str, Any] = {
             "prompt": teacher_prompt(self.task, job.example, job.strategy, self.teacher_style),
-            "max_tokens": self.max_tokens, "temperature": 0.0, "stop": list(self.task.stop), "stream": False,
+            "max_tokens": self.max_tokens, "temperature": 0.0,
+            "stop": stop_sequences(self.task, job.strategy), "stream": False,
         }
         if self.top_logprobs is not None:
             body["top_logprobs"] = self.top_logprobs

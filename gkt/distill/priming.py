@@ -25,6 +25,18 @@ _TEACHER = ("You are a patient teacher. Explain the solution simply and clearly,
 _CONFIDENCE = "Before the final line, briefly double-check the calculation or the choice."
 
 
+def answer_template(task: Task) -> str:
+    """The answer line as the ``ground_truth`` priming spells it, with a placeholder ("The answer is N.")."""
+    return task.answer_line("N" if task.name == "gsm8k" else "X")
+
+
+def stop_sequences(task: Task, strategy: Strategy) -> list[str]:
+    """The task's stops, and under ``ground_truth`` the priming's own answer template: after its answer line
+    the 1.5B teacher was seen repeating the template ("The answer is 20. The answer is N. The answer is N. ...")
+    to the token budget, which the lesson drops anyway (it ends at the first answer line)."""
+    return [*task.stop, answer_template(task)] if strategy == "ground_truth" else list(task.stop)
+
+
 def student_prompt(task: Task, example: Example, style: PromptStyle = "zero_shot") -> str:
     """What the student sees, in training and at inference."""
     return task.build_prompt(example.question, style)
@@ -44,6 +56,6 @@ def teacher_prompt(task: Task, example: Example, strategy: Strategy, style: Prom
         # write its own answer: a copied reference would teach the dataset's terse style, not the teacher's.
         question = (f"{example.question.strip()}\n(A correct reference solution, for you only: {reference} "
                     f"Write your own clear step-by-step answer that reaches the same result and ends with "
-                    f'"{task.answer_line("N" if task.name == "gsm8k" else "X")}")')
+                    f'"{answer_template(task)}")')
         return task.build_prompt(question, style)
     raise ValueError(f"unknown priming strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
