@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from gkt.bench import cli as bench
     from gkt.distill import cli as distill
     from gkt.eval import cli as eval_cli
+    from gkt.eval import compare
 
     ask.add_parser(sub)
     bench.add_parser(sub)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     observability.add_parser(sub)
     testbed.add_parser(sub)
     eval_cli.add_parser(sub)
+    compare.add_parser(sub)
     vllm_tier.add_parser(sub)
     remote_write.add_parser(sub)
     distill.add_parser(sub)

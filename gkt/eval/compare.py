@@ -1,0 +1,120 @@
+"""``gkt compare``: runs of ``gkt eval`` side by side, paired on the questions they share.
+
+    gkt compare base=runs/base/results.jsonl gold=runs/gold/results.jsonl gt=runs/gt/results.jsonl
+
+Each argument is one run (LABEL=results.jsonl; a file may hold several configurations, then add
+``@CONFIG_LABEL``, e.g. ``base=results.jsonl@student``). The first run is the reference. Every run is scored
+on the questions all runs answered, so the accuracies are paired; next to each: its Wilson 95 % interval, the
+questions only it or only the reference got right, and the exact two-sided McNemar p-value of that split
+(the binomial test on the discordant pairs), the test for two classifiers on the same items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gkt.eval.records import RunConfig
+from gkt.eval.stats import wilson
+
+
+@dataclass
+class Run:
+    label: str
+    correct: dict[str, bool]  # question id -> right or not
+    adapter: str | None  # the adapter that answered, as the records name it (None: the base model)
+
+
+@dataclass
+class Compared:
+    label: str
+    n: int
+    accuracy: float
+    ci: tuple[float, float]
+    only_this: int  # right here, wrong in the reference
+    only_reference: int  # right in the reference, wrong here
+    p_value: float | None  # None for the reference itself
+    adapter: str | None
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (1.0 when there are none)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def load(spec: str) -> Run:
+    """``LABEL=path[@config label]``: the records of one configuration of a results file."""
+    label, sep, rest = spec.partition("=")
+    if not sep or not label or not rest:
+        raise ValueError(f"{spec!r}: expected LABEL=results.jsonl[@CONFIG]")
+    path_text, _, config = rest.partition("@")
+    records = [json.loads(line) for line in Path(path_text).read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = {RunConfig(**r["config"]).label for r in records}
+    if config:
+        records = [r for r in records if RunConfig(**r["config"]).label == config]
+        if not records:
+            raise ValueError(f"{path_text}: no configuration {config!r} (it holds {', '.join(sorted(labels))})")
+    elif len(labels) > 1:
+        raise ValueError(f"{path_text} holds {', '.join(sorted(labels))}: name one with @CONFIG")
+    if not records:
+        raise ValueError(f"{path_text}: no records")
+    adapters = {json.dumps(r.get("adapter"), sort_keys=True) for r in records}
+    if len(adapters) > 1:
+        raise ValueError(f"{path_text}: answered by more than one adapter ({len(adapters)}); compare runs, not mixes")
+    adapter = records[0].get("adapter")
+    return Run(label, {r["qid"]: bool(r["correct"]) for r in records},
+               f"{adapter['name']} ({adapter['sha256'][:12]})" if adapter else None)
+
+
+def compare(runs: list[Run]) -> list[Compared]:
+    """Each run against the first, on the questions every run answered."""
+    shared = set.intersection(*(set(r.correct) for r in runs))
+    if not shared:
+        raise ValueError("the runs share no question")
+    ref = runs[0].correct
+    out = []
+    for i, run in enumerate(runs):
+        right = sum(run.correct[q] for q in shared)
+        only_this = sum(run.correct[q] and not ref[q] for q in shared)
+        only_ref = sum(ref[q] and not run.correct[q] for q in shared)
+        out.append(Compared(run.label, len(shared), right / len(shared), wilson(right, len(shared)), only_this,
+                            only_ref, None if i == 0 else mcnemar_exact(only_this, only_ref), run.adapter))
+    return out
+
+
+def markdown(rows: list[Compared]) -> str:
+    ref = rows[0].label
+    lines = [f"| run | n | accuracy | 95 % CI | right only here / only in {ref} | McNemar p | adapter |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = "-" if r.p_value is None else f"{r.p_value:.3g}"
+        split = "-" if r.p_value is None else f"{r.only_this} / {r.only_reference}"
+        lines.append(f"| {r.label} | {r.n} | {100 * r.accuracy:.1f} % | {100 * r.ci[0]:.1f}-{100 * r.ci[1]:.1f} % "
+                     f"| {split} | {p} | {r.adapter or 'none'} |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        rows = compare([load(spec) for spec in args.runs])
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as err:
+        print(f"gkt compare: {err}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="gkt eval runs side by side, paired on their shared questions (McNemar)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="LABEL=results.jsonl[@CONFIG]; the first is the reference")
+    p.set_defaults(func=main)
