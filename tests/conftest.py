@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +64,26 @@ def _run(service: Service) -> Iterator[Service]:
         service.stop()
 
 
+@contextmanager
+def running_pair(logs: Path, env: dict[str, str]) -> Iterator[tuple[Service, Service]]:
+    """A cloud and an edge it guides, both from ``env``, logging to ``logs``; stopped on leaving the block."""
+    cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
+    edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()
+    try:
+        yield cloud.wait_ready(), edge.wait_ready()
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
 def pair_fixture(env: dict[str, str], *, name: str = "pair") -> Any:
     """A module-scoped fixture ``name``: a cloud and an edge it guides, both from ``env``, each logging into
     the module's own temporary folder. A test module assigns it: ``pair = pair_fixture(ENV)``."""
 
     @pytest.fixture(scope="module", name=name)
     def _pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Service]]:
-        logs = tmp_path_factory.mktemp(name)
-        cloud = cloud_service(free_port(), env, log_path=logs / "cloud.log").start()
-        edge = edge_service(free_port(), cloud.url, env, log_path=logs / "edge.log").start()
-        try:
-            yield cloud.wait_ready(), edge.wait_ready()
-        finally:
-            edge.stop()
-            cloud.stop()
+        with running_pair(tmp_path_factory.mktemp(name), env) as pair:
+            yield pair
 
     return _pair
 

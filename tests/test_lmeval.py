@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CLIENT_KEY, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, run_pair
+from tests.conftest import CLIENT_KEY, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, running_pair
 
 pytestmark = pytest.mark.models
 
@@ -91,7 +91,7 @@ metric_list:
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not LMEVAL.exists():
         pytest.skip("lm-evaluation-harness is not set up: run `make lmeval-setup` (make test does)")
-    for _, edge in run_pair(tmp_path_factory.mktemp("lmeval-logs"), ENV):
+    with running_pair(tmp_path_factory.mktemp("lmeval-logs"), ENV) as (_, edge):
         yield edge.url
 
 

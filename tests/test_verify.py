@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from gkt.launcher import Service
-from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, ONE_THREAD, run_pair
+from tests.conftest import AUTH, CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, ONE_THREAD, running_pair
 from tests.test_guidance_policies_e2e import COUNT, cloud_usage, metric, stream_answer
 
 TIMEOUT = httpx.Timeout(10.0, read=600.0)
@@ -159,9 +159,7 @@ def test_a_cloud_lost_mid_answer_leaves_the_student_to_finish(logs: Path) -> Non
     check fails, the student finishes the answer alone from the text so far, marked partial; nothing is lost."""
     env = {**ONE_THREAD, **CLOUD_KEYS, **EDGE_AUTH, **EDGE_KEYS, "GKT_CLOUD_MODEL": "smollm2-135m-instruct",
            "GKT_EDGE_MODEL": "smollm2-135m-instruct", "GKT_CLOUD_N_CTX": "1024", "GKT_EDGE_N_CTX": "1024"}
-    pair = run_pair(logs / "verify-lost", env)
-    cloud, edge = next(pair)
-    try:
+    with running_pair(logs / "verify-lost", env) as (cloud, edge):
         deltas, gkt = [], None
         body = {"messages": COUNT, "max_tokens": 60, "stream": True,
                 "guidance_policy": {"name": "verify", "draft_tokens": 4, "max_wait_s": 600}}
@@ -187,5 +185,3 @@ def test_a_cloud_lost_mid_answer_leaves_the_student_to_finish(logs: Path) -> Non
         # The student went on past what the teacher had checked: the answer is complete, not cut off.
         checked = max(c["offset"] + len(c["text"]) for c in calls if c["finish"] in ("length", "stop"))
         assert len(text) > checked and gkt["usage"]["student_tokens"] > 0
-    finally:
-        pair.close()
