@@ -3,6 +3,7 @@ values computed by hand from the binomial distribution)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -41,6 +42,9 @@ def test_runs_are_paired_on_their_shared_questions(tmp_path: Path) -> None:
     assert rows[1].p_value == pytest.approx(2 / 2**5) and rows[0].p_value is None
     table = markdown(rows)
     assert "| gold | 10 | 80.0 %" in table and "gold (abababababab)" in table and "5 / 0" in table
+    packed = tmp_path / "gold.jsonl.gz"  # as published under docs/results/
+    packed.write_bytes(gzip.compress(gold.read_bytes()))
+    assert load(f"gold={packed}").correct == load(f"gold={gold}").correct
 
 
 def test_mixed_or_empty_inputs_are_refused_by_name(tmp_path: Path) -> None:

@@ -2,16 +2,18 @@
 
     gkt compare base=runs/base/results.jsonl gold=runs/gold/results.jsonl gt=runs/gt/results.jsonl
 
-Each argument is one run (LABEL=results.jsonl; a file may hold several configurations, then add
-``@CONFIG_LABEL``, e.g. ``base=results.jsonl@student``). The first run is the reference. Every run is scored
-on the questions all runs answered, so the accuracies are paired; next to each: its Wilson 95 % interval, the
-questions only it or only the reference got right, and the exact two-sided McNemar p-value of that split
-(the binomial test on the discordant pairs), the test for two classifiers on the same items.
+Each argument is one run (LABEL=results.jsonl, or a gzipped results.jsonl.gz; a file may hold several
+configurations, then add ``@CONFIG_LABEL``, e.g. ``base=results.jsonl@student``). The first run is the
+reference. Every run is scored on the questions all runs answered, so the accuracies are paired; next to each:
+its Wilson 95 % interval, the questions only it or only the reference got right, and the exact two-sided
+McNemar p-value of that split (the binomial test on the discordant pairs), the test for two classifiers on the
+same items.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -57,7 +59,10 @@ def load(spec: str) -> Run:
     if not sep or not label or not rest:
         raise ValueError(f"{spec!r}: expected LABEL=results.jsonl[@CONFIG]")
     path_text, _, config = rest.partition("@")
-    records = [json.loads(line) for line in Path(path_text).read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = Path(path_text)
+    # Published runs are kept gzipped (docs/results/): read them as they are.
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
     labels = {RunConfig(**r["config"]).label for r in records}
     if config:
         records = [r for r in records if RunConfig(**r["config"]).label == config]
