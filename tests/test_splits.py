@@ -65,3 +65,7 @@ def test_gold_lessons_are_the_questions_collect_asks_first() -> None:
     assert {j.example.id for j in jobs} == {e.id for e in seeded_train(GSM8K, GSM8K.load(GSM8K_DATA))[:20]}
     assert all(split_of("gsm8k", j.example.id) == "train" for j in jobs)
     assert seeded_train(GSM8K, GSM8K.load(GSM8K_DATA), 1)[:20] != seeded_train(GSM8K, GSM8K.load(GSM8K_DATA))[:20]
+    # Another seed: both sides move together.
+    jobs = collect.plan(GSM8K, GSM8K_DATA, ["ground_truth"], 20, 1)
+    gold = data.from_gold("gsm8k", GSM8K_DATA, "zero_shot", 1)[:20]
+    assert [GSM8K.build_prompt(j.example.question, "zero_shot") for j in jobs] == [t.prompt for t in gold]

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=512, help="longer lessons are dropped (and counted)")
     p.add_argument("-n", "--lessons", type=int, default=None, help="use only the first n lessons")
     p.add_argument("--checkpoint-every", type=int, default=20, help="optimizer steps between checkpoints")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="data order and dropout; with --source gold also which questions (as collect's --seed)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--nice", type=int, default=10, help="added niceness (training shares the machine)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -111,8 +112,9 @@ def train(args: argparse.Namespace) -> Path:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     strategies = args.strategies.split(",") if args.strategies else None
+    # A bad line stops us before any heavy work.
     texts = (data.from_transfer(args.transfer, args.task, strategies) if args.source == "transfer"
-             else data.from_gold(args.task, args.data, args.style))  # a bad line stops us before any heavy work
+             else data.from_gold(args.task, args.data, args.style, args.seed))
     gguf = resolve(args.student)
     base_dir, base_sha = prepare(gguf, log=lambda m: print(m, file=sys.stderr))
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
