@@ -19,7 +19,8 @@ CONFIG = RunConfig("gsm8k", "student", None, 256, "t", "s").as_dict()
 def write(path: Path, correct: dict[str, bool], adapter: dict | None = None, config: dict = CONFIG) -> Path:
     with path.open("a", encoding="utf-8") as f:
         for qid, ok in correct.items():
-            f.write(json.dumps({"qid": qid, "correct": ok, "config": config, "adapter": adapter}) + "\n")
+            f.write(json.dumps({"key": RunConfig(**config).key, "qid": qid, "correct": ok, "config": config,
+                                "adapter": adapter}) + "\n")
     return path
 
 
@@ -42,6 +43,9 @@ def test_runs_are_paired_on_their_shared_questions(tmp_path: Path) -> None:
     assert rows[1].p_value == pytest.approx(2 / 2**5) and rows[0].p_value is None
     table = markdown(rows)
     assert "| gold | 10 | 80.0 %" in table and "gold (abababababab)" in table and "5 / 0" in table
+    with gold.open("a", encoding="utf-8") as f:
+        f.write('{"qid": "q11", "corr')  # an eval killed mid-line: that line is skipped, as eval itself does
+    assert load(f"gold={gold}").correct == {f"q{i}": i < 8 for i in range(12)}
     packed = tmp_path / "gold.jsonl.gz"  # as published under docs/results/
     packed.write_bytes(gzip.compress(gold.read_bytes()))
     assert load(f"gold={packed}").correct == load(f"gold={gold}").correct

@@ -13,7 +13,6 @@ same items.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import sys
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gkt.eval.records import RunConfig
+from gkt.eval.records import ResultStore, RunConfig
 from gkt.eval.stats import wilson
 
 
@@ -59,10 +58,9 @@ def load(spec: str) -> Run:
     if not sep or not label or not rest:
         raise ValueError(f"{spec!r}: expected LABEL=results.jsonl[@CONFIG]")
     path_text, _, config = rest.partition("@")
-    path = Path(path_text)
-    # Published runs are kept gzipped (docs/results/): read them as they are.
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    records = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
+    if not Path(path_text).is_file():
+        raise ValueError(f"{path_text}: no such results file")
+    records = list(ResultStore(path_text).records.values())  # torn lines skipped, one record per question
     labels = {RunConfig(**r["config"]).label for r in records}
     if config:
         records = [r for r in records if RunConfig(**r["config"]).label == config]

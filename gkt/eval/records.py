@@ -7,6 +7,7 @@ a kill mid-write is ignored (that question is simply asked again).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -149,7 +150,9 @@ class ResultStore:
         self.records: dict[tuple[str, str], dict[str, Any]] = {}
         self.torn_lines = 0
         if self.path.exists():
-            with open(self.path, encoding="utf-8") as fh:
+            # A published run is kept gzipped (docs/results/); it is read as it is (and never appended to).
+            opener = gzip.open if self.path.suffix == ".gz" else open
+            with opener(self.path, "rt", encoding="utf-8") as fh:
                 for line in fh:
                     if not line.strip():
                         continue
