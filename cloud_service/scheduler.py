@@ -47,6 +47,7 @@ from shared.generation import (
     common_prefix,
 )
 from shared.llama import WorkerStream, model_pointer
+from shared.logprobs import token_choice
 from shared.logs import REQUEST_ID, request_context
 from shared.words import WordEnd
 
@@ -410,11 +411,7 @@ class BatchScheduler:
         import numpy as np
 
         logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
-        peak = float(logits.max())
-        lse = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
-        best = np.argpartition(-logits, k)[:k] if k else np.empty(0, dtype=np.int64)
-        best = best[np.argsort(-logits[best], kind="stable")]
-        return TokenChoice(tok, float(logits[tok]) - lse, [(int(i), float(logits[i]) - lse) for i in best])
+        return token_choice(logits, tok, k)
 
     def _on_token(self, seq: _Seq, tok: int, row: int | None = None) -> None:
         if seq.t_first is None:

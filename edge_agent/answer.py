@@ -1,5 +1,6 @@
 """The ``gkt`` object on every response of the edge (``GKTInfo``: who wrote what, tokens, cost, timings, the
-guidance calls), and the events an answer is produced as: ``Delta``s, then one ``Summary``."""
+guidance calls), and the events an answer is produced as: an ``Echo`` of the prompt when asked for, ``Delta``s,
+then one ``Summary``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from shared.adapters import AdapterRef
 from shared.cost import AnswerCost, TeacherCost
+from shared.generation import TokenChoice
 from shared.protocol import Timings
 
 Mode = Literal["gkt", "student", "teacher"]
@@ -103,10 +105,22 @@ class GKTInfo(BaseModel):
 
 @dataclass
 class Delta:
-    """Answer text and who wrote it."""
+    """Answer text and who wrote it; with log-probabilities asked for, the student's tokens behind it (None:
+    the text was given, written by the teacher, not sampled by the student)."""
 
     text: str
     source: Source
+    choices: list[TokenChoice] | None = None
+
+
+@dataclass
+class Echo:
+    """The prompt, first in a completion that asked for ``echo``; with log-probabilities, the student's
+    scores of its tokens (the first has none: nothing comes before it)."""
+
+    text: str
+    tokens: list[int]
+    choices: list[TokenChoice | None] | None = None
 
 
 @dataclass

@@ -35,7 +35,7 @@ async def _answer(
     except GKTError as err:
         metrics.rejected(route, mode, err)
         raise
-    env = Envelope(kind=kind, model=pipeline.student.name)
+    env = Envelope(kind=kind, model=pipeline.student.name, namer=pipeline.student, top=plan.logprobs)
     events = metrics.observe(pipeline.run(plan), route, mode)
     if not body.stream:
         whole = await unless_disconnected(request, collect(events))

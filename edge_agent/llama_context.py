@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, common_prefix
-from shared.llama import LlamaText, cached_tokens, clear_cache, decode_rows, last_logits
+from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, TokenChoice, common_prefix
+from shared.llama import LlamaText, cached_tokens, clear_cache, decode_rows, last_logits, row_logits
+from shared.logprobs import token_choice
 
 # Tokens per prefill decode: small enough that a generation which arrives waits at most one chunk
 # (about 0.1-0.3 s for the 0.5B student on one thread), large enough to keep prompt processing batched.
@@ -77,14 +78,35 @@ class LlamaContext:
                 self.canon = llm.n_tokens
         return llm.n_tokens
 
-    def _decode_canonical(self, chunk: list[int], n_past: int) -> bool:
+    def _decode_canonical(self, chunk: list[int], n_past: int, *, all_logits: bool = False) -> bool:
         """Decode ``chunk`` at ``n_past`` in a batch padded to a canonical size; returns whether it was one."""
         n = len(chunk)
         size = max(CANON_MIN, -(-n // CANON_MULTIPLE) * CANON_MULTIPLE)
         if n_past + size > self.text.n_ctx:
             size = n  # no room for the padding at the very end of the context: correct, if not canonical
-        decode_rows(self.llm, chunk, n_past, size)
+        decode_rows(self.llm, chunk, n_past, size, all_logits=all_logits)
         return size % CANON_MULTIPLE == 0 and size >= CANON_MIN
+
+    def score(self, tokens: list[int], k: int, stop: threading.Event) -> list[TokenChoice | None] | None:
+        """Each of ``tokens``' log-probability after the ones before it, with the ``k`` most likely tokens there
+        (None for the first token: nothing comes before it); None when ``stop`` was set first.
+
+        The whole prompt is decoded again (a cached position has no logits left to read), in the same canonical
+        chunks as ``evaluate``, so it stays in the cache for the generation that follows."""
+        llm = self.llm
+        llm.n_tokens = self.canon = 0
+        out: list[TokenChoice | None] = [None]
+        for a in range(0, len(tokens), self.chunk):
+            if stop.is_set():
+                return None
+            chunk = tokens[a : a + self.chunk]
+            if self._decode_canonical(chunk, a, all_logits=True):
+                self.canon = llm.n_tokens
+            for i in range(min(len(chunk), len(tokens) - 1 - a)):
+                row = np.ctypeslib.as_array(row_logits(llm, i), shape=(self._n_vocab,))
+                out.append(token_choice(row, tokens[a + i + 1], k))
+            self.last_progress = time.monotonic()
+        return out
 
     def prefill(self, tokens: list[int], stop: threading.Event) -> int:
         """``evaluate`` without sampling, in ``PREFILL_CHUNK``s so that ``stop`` is heard soon."""
@@ -97,14 +119,26 @@ class LlamaContext:
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
         t0 = perf_counter()
         cached = min(self.reusable(tokens), len(tokens) - 1)
-        if self.evaluate(tokens, cancel, final=True) < len(tokens):  # cancelled while processing the prompt
+        scored = None
+        if params.prompt_logprobs is not None:
+            scored = self.score(tokens, params.prompt_logprobs, cancel)
+            cached = 0  # scoring decodes the whole prompt again
+        cancelled = params.prompt_logprobs is not None and scored is None
+        if not cancelled and params.max_tokens > 0:
+            cancelled = self.evaluate(tokens, cancel, final=True) < len(tokens)
+        if cancelled:  # while processing the prompt
             return GenerationResult(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0,
                                     prompt_s=perf_counter() - t0, cached_prompt_tokens=cached)
+        if params.max_tokens == 0:  # echo alone: the prompt scored, nothing generated
+            return GenerationResult(finish_reason="length", prompt_tokens=len(tokens), completion_tokens=0,
+                                    prompt_s=perf_counter() - t0, prompt_choices=scored)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
         finish: str = "length"
         n = pending = 0
         logprobs: list[float] | None = [] if params.logprobs else None
+        top = params.top_logprobs
+        choices: list[TokenChoice] | None = [] if top is not None else None
         t_first: float | None = None
         # The prompt is fully evaluated with its last logits current, so ``generate`` samples at once.
         gen = llm.generate(
@@ -124,13 +158,18 @@ class LlamaContext:
                     break
                 n += 1
                 pending += 1
-                if logprobs is not None:
-                    logprobs.append(self._logprob(tok))
+                if logprobs is not None or choices is not None:
+                    choice = self._choice(tok, top or 0)
+                    if logprobs is not None:
+                        logprobs.append(choice.logprob)
+                    if choices is not None:
+                        choices.append(choice)
                 text, hit = stops.feed(decoder.decode(self.text.piece(tok)))
                 if text:
-                    emit(Piece(text, pending, logprobs))
+                    emit(Piece(text, pending, logprobs, choices))
                     pending = 0
                     logprobs = [] if params.logprobs else None
+                    choices = [] if top is not None else None
                 if hit:
                     finish = "stop"
                     break
@@ -139,7 +178,7 @@ class LlamaContext:
         finally:
             gen.close()
         if finish == "length" and (tail := stops.flush()):
-            emit(Piece(tail, pending, logprobs))
+            emit(Piece(tail, pending, logprobs, choices))
         # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
         t_end = perf_counter()
         t_first = t_first or t_end
@@ -150,14 +189,10 @@ class LlamaContext:
             prompt_s=t_first - t0,
             generation_s=t_end - t_first,
             cached_prompt_tokens=cached,
+            prompt_choices=scored,
         )
 
-    def _logprob(self, token: int) -> float:
-        """log p(token) under the logits it was just sampled from (the last output row of the context).
-
-        Read before the token is decoded, so the row is still the one the sampler used; a log-softmax over
-        the vocabulary: 0.14 ms for Qwen's 152k entries measured here (a decode step of the 0.5B student
-        takes 20-37 ms)."""
-        row = np.ctypeslib.as_array(last_logits(self.llm), shape=(self._n_vocab,))
-        top = float(row.max())
-        return float(row[token]) - top - float(np.log(np.exp(row - top).sum()))
+    def _choice(self, token: int, k: int) -> TokenChoice:
+        """``token``'s log-probability (and the ``k`` most likely tokens) under the logits it was just sampled
+        from: read before the token is decoded, the context's last output row is still the one the sampler used."""
+        return token_choice(np.ctypeslib.as_array(last_logits(self.llm), shape=(self._n_vocab,)), token, k)

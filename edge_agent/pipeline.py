@@ -19,13 +19,13 @@ from contextlib import aclosing
 from typing import assert_never
 
 from edge_agent.accounting import Books
-from edge_agent.answer import Delta, Summary
+from edge_agent.answer import Delta, Echo, Summary
 from edge_agent.cloud import CloudClient
 from edge_agent.guidance import Guidance
 from edge_agent.plan import Plan, make_plan
 from edge_agent.policies import AdaptivePolicy, FixedPolicy, ReguidePolicy, VerifyPolicy, first_stop
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
-from edge_agent.runners import Runner
+from edge_agent.runners import Echoed, Runner
 from edge_agent.runners.guided import GuidedRunner
 from edge_agent.runners.teacher import TeacherRunner
 from edge_agent.runners.verify import VerifyRunner
@@ -47,10 +47,12 @@ class Pipeline:
     def plan(self, req: ChatCompletionRequest | CompletionRequest) -> Plan:
         return make_plan(req, self.student, self.settings)
 
-    async def run(self, plan: Plan) -> AsyncIterator[Delta | Summary]:
+    async def run(self, plan: Plan) -> AsyncIterator[Echo | Delta | Summary]:
         books = Books(plan, self.student.name, self.settings)
         books.info.adapter = self.student.adapter
         session = StudentSession(self.student, plan, books, fast_path=self.settings.fast_path)
+        if plan.echo:  # the prompt first, scored by the student before anyone writes
+            yield Echo(plan.student_prefix, plan.student_tokens, await session.score_prompt())
         runner = self._runner(plan, books, session)
         parts: list[str] = []
         async with aclosing(runner.run()) as deltas:
@@ -66,6 +68,8 @@ class Pipeline:
 
     def _runner(self, plan: Plan, books: Books, session: StudentSession) -> Runner:
         """The one place that maps a mode and a policy to the way of answering."""
+        if plan.max_tokens == 0:
+            return Echoed()
         if plan.mode == "student":
             return GuidedRunner(plan, session, books)
         guidance = Guidance(self.cloud, plan, books.info, self.settings.guidance_timeout_s)
@@ -80,3 +84,4 @@ class Pipeline:
                 return VerifyRunner(session, guidance, books, plan.policy)
             case _:
                 assert_never(plan.policy)
+

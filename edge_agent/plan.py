@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from edge_agent.answer import Mode
-from edge_agent.policies import FixedPolicy, Policy, first_stop
+from edge_agent.policies import FixedPolicy, Policy, ReguidePolicy, VerifyPolicy, first_stop
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
@@ -41,6 +41,8 @@ class Plan:
     task: Task | None = None
     guidance: GuidanceRequest | None = None  # what the cloud will be asked (gkt and teacher modes)
     policy: Policy = field(default_factory=FixedPolicy)  # how much of the teacher a gkt answer gets
+    logprobs: int | None = None  # log-probabilities with this many alternatives per token (None: none)
+    echo: bool = False  # the prompt comes first in the answer (completions), scored when ``logprobs`` is set
 
 
 def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngine, settings: EdgeSettings) -> Plan:
@@ -69,13 +71,20 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
     prefix = student.render_chat([m.model_dump() for m in messages]) if messages else (raw or "")
     tokens = student.tokenize(prefix, special=special)
     requested = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    # Without an explicit max_tokens the answer gets the default, clamped to the room left (at least 1).
-    max_tokens = requested or max(1, min(settings.default_max_tokens, student.n_ctx - len(tokens)))
+    # Without an explicit max_tokens the answer gets the default, clamped to the room left (at least 1). 0 (only
+    # with echo, protocol.py) is the prompt alone: nothing is generated and the cloud is not asked.
+    if requested is None:
+        requested = max(1, min(settings.default_max_tokens, student.n_ctx - len(tokens)))
+    max_tokens = requested
     if mode != "teacher":
         student.check_fits(len(tokens), max_tokens, param)
     if mode != "teacher" and student.busy and student.waiting >= student.max_waiting:
         raise GKTError(ErrorCode.overloaded, "the student is busy; try again shortly", retry_after=1.0)
     policy = req.guidance_policy or FixedPolicy()
+    top, echo = _logprobs(req), bool(getattr(req, "echo", False))
+    _check_logprobs(mode, policy, top, echo)
+    if max_tokens == 0:
+        mode = "student"  # the echoed prompt alone: the student scores it, nobody writes
     k = max_tokens if mode == "teacher" else min(req.guidance_tokens or settings.default_guidance_tokens, max_tokens)
     if mode == "gkt" and (stopper := first_stop(policy)) is not None:
         k = min(stopper.request_tokens(), max_tokens)
@@ -94,5 +103,26 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
     return Plan(
         mode=mode, messages=messages, raw_prompt=raw, student_prefix=prefix, student_tokens=tokens,
         special=special, max_tokens=max_tokens, k=k, temperature=req.temperature, top_p=req.top_p,
-        seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy,
+        seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy, logprobs=top, echo=echo,
     )
+
+
+def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """Alternatives per token the request asks for with its log-probabilities; None when it asks for none."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
+def _check_logprobs(mode: Mode, policy: Policy, top: int | None, echo: bool) -> None:
+    """Log-probabilities are the student's: refused where the student does not choose the answer's tokens
+    in a form they follow (the teacher's own do not reach the edge named; reguide takes back and verify cuts
+    the student's text at character offsets, so token and text part ways)."""
+    if mode == "teacher" and (top is not None or echo):
+        param = "echo" if echo else "logprobs"
+        raise GKTError(ErrorCode.invalid_request, f"{param} is not available in teacher mode: the teacher's "
+                       "log-probabilities do not reach the edge (student and gkt modes have the student's)",
+                       param=param)
+    if top is not None and mode == "gkt" and isinstance(policy, ReguidePolicy | VerifyPolicy):
+        raise GKTError(ErrorCode.invalid_request, f"logprobs are not available under the {policy.name} "
+                       "policy yet (fixed and adaptive have them)", param="logprobs")

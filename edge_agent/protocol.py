@@ -15,7 +15,9 @@ Extension fields (top level of the request body; with the ``openai`` client pass
 Fields of the OpenAI API that change what the answer means are never ignored: each is parsed and validated
 (ranges, combinations), and those the edge does not honour yet are refused with a 400 naming the field
 (``NOT_YET_HONOURED``: delete a field's entry when the edge implements it). Fields that do not change the
-answer (``user``, ``metadata``, ``store``, ``service_tier``...) are accepted and ignored.
+answer (``user``, ``metadata``, ``store``, ``service_tier``...) are accepted and ignored. Log-probabilities
+(``logprobs``, ``top_logprobs``, ``echo``) are honoured where the student chooses the tokens; the rules that
+depend on the mode and policy are in ``edge_agent/plan.py``.
 """
 
 from __future__ import annotations
@@ -55,9 +57,6 @@ NOT_YET_HONOURED: dict[str, Callable[[Any], bool]] = {
     "functions": _set,
     "function_call": lambda v: _set(v) and v != "none",
     "response_format": lambda v: v is not None and v.type != "text",
-    "logprobs": lambda v: v is not None and v is not False,
-    "top_logprobs": _set,
-    "echo": _nonzero,
     "logit_bias": _set,
     "frequency_penalty": _nonzero,
     "presence_penalty": _nonzero,
@@ -199,12 +198,6 @@ class CompletionRequest(_Common):
     echo: bool = Field(False, description="Return the prompt before the answer (with logprobs: its own).")
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=20)
-
-    def _combinations(self) -> None:
-        super()._combinations()
-        if self.echo and self.mode == "teacher":
-            raise InvalidBody("echo is not available in teacher mode (the teacher's "
-                           "prompt log-probabilities do not travel to the edge)", param="echo")
 
     @field_validator("prompt")
     @classmethod

@@ -9,25 +9,33 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
 
-from edge_agent.answer import Delta, Summary
+from edge_agent import logprobs
+from edge_agent.answer import Delta, Echo, Summary
 from shared.errors import ErrorCode, GKTError
 
 Kind = Literal["chat", "completion"]
 
 
+Event = Echo | Delta | Summary
+
+
 @dataclass
 class Envelope:
-    """Identity shared by every chunk of one response."""
+    """Identity shared by every chunk of one response, and how its tokens are named when it carries
+    log-probabilities (``top``: alternatives per token; None: no log-probabilities)."""
 
     kind: Kind
     model: str
     id: str = ""
     created: int = 0
+    namer: logprobs.Namer | None = None
+    top: int | None = None
+    _offset: int = field(default=0, init=False)  # characters of the completion's text so far (text_offset)
 
     def __post_init__(self) -> None:
         prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
@@ -41,20 +49,33 @@ class Envelope:
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def choice(self, text: str | None, finish: str | None, *, chunk: bool, first: bool = False) -> dict[str, Any]:
+    def _logprobs(self, parts: list[Echo | Delta]) -> dict[str, Any] | None:
+        """The log-probabilities of ``parts`` (the text of one chunk, or of the whole response)."""
+        if self.top is None or self.namer is None:
+            return None
+        items = [e for part in parts for e in logprobs.entries(self.namer, part)]
+        if self.kind == "chat":
+            return logprobs.chat(items, self.top)
+        out = logprobs.completion(items, self.top, self._offset)
+        self._offset += sum(len(p.text) for p in parts)
+        return out
+
+    def choice(self, text: str | None, finish: str | None, *, chunk: bool, first: bool = False,
+               lp: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.kind == "completion":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
         if chunk:
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "logprobs": None,
+            return {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "logprobs": lp,
                 "finish_reason": finish}
 
-    def chunk(self, delta: Delta, *, first: bool) -> dict[str, Any]:
-        return {**self._base(True), "choices": [self.choice(delta.text, None, chunk=True, first=first)],
-                "gkt": {"source": delta.source}}
+    def chunk(self, part: Echo | Delta, *, first: bool) -> dict[str, Any]:
+        source = part.source if isinstance(part, Delta) else "prompt"
+        return {**self._base(True), "gkt": {"source": source},
+                "choices": [self.choice(part.text, None, chunk=True, first=first, lp=self._logprobs([part]))]}
 
     def final_chunk(self, summary: Summary) -> dict[str, Any]:
         return {**self._base(True), "choices": [self.choice(None, summary.finish_reason, chunk=True)],
@@ -63,9 +84,10 @@ class Envelope:
     def usage_chunk(self, summary: Summary) -> dict[str, Any]:
         return {**self._base(True), "choices": [], "usage": usage(summary)}
 
-    def whole(self, text: str, summary: Summary) -> dict[str, Any]:
-        return {**self._base(False), "choices": [self.choice(text, summary.finish_reason, chunk=False)],
-                "usage": usage(summary), "gkt": summary.info.model_dump()}
+    def whole(self, parts: list[Echo | Delta], summary: Summary) -> dict[str, Any]:
+        text = "".join(p.text for p in parts)
+        choice = self.choice(text, summary.finish_reason, chunk=False, lp=self._logprobs(parts))
+        return {**self._base(False), "choices": [choice], "usage": usage(summary), "gkt": summary.info.model_dump()}
 
 
 def usage(summary: Summary) -> dict[str, int]:
@@ -73,14 +95,14 @@ def usage(summary: Summary) -> dict[str, int]:
             "total_tokens": summary.prompt_tokens + summary.completion_tokens}
 
 
-async def collect(events: AsyncIterator[Delta | Summary]) -> tuple[str, Summary]:
-    parts: list[str] = []
+async def collect(events: AsyncIterator[Event]) -> tuple[list[Echo | Delta], Summary]:
+    """The whole answer: its parts (the echoed prompt first, if any) and its summary."""
+    parts: list[Echo | Delta] = []
     async with aclosing(events) as it:
         async for ev in it:
-            if isinstance(ev, Delta):
-                parts.append(ev.text)
-            else:
-                return "".join(parts), ev
+            if isinstance(ev, Summary):
+                return parts, ev
+            parts.append(ev)
     raise GKTError(ErrorCode.internal_error, "the answer ended without a summary")
 
 
@@ -90,8 +112,8 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 async def stream(
     env: Envelope,
-    first: Delta | Summary,
-    events: AsyncIterator[Delta | Summary],
+    first: Event,
+    events: AsyncIterator[Event],
     include_usage: bool,
     drain_deadline: asyncio.Event | None = None,
 ) -> AsyncIterator[bytes]:
@@ -106,9 +128,9 @@ async def stream(
     try:
         async with aclosing(events) as it:
             try:
-                ev: Delta | Summary | None = first
+                ev: Event | None = first
                 while ev is not None:
-                    if isinstance(ev, Delta):
+                    if not isinstance(ev, Summary):
                         yield _sse(env.chunk(ev, first=is_first))
                         is_first = False
                     else:

@@ -16,7 +16,7 @@ from edge_agent.accounting import Books
 from edge_agent.fastpath import Prefetcher
 from edge_agent.plan import Plan
 from edge_agent.student import LlamaEngine
-from shared.generation import GenerationParams, GenerationResult, Piece
+from shared.generation import GenerationParams, GenerationResult, Piece, TokenChoice
 
 
 class StudentSession:
@@ -49,13 +49,27 @@ class StudentSession:
         result (already in the books). ``halt`` ends it at the next token; the result still arrives."""
         plan = self.plan
         params = GenerationParams(max_tokens=max_tokens, temperature=plan.temperature, top_p=plan.top_p,
-                                  seed=plan.seed, stop=plan.stop, logprobs=logprobs)
+                                  seed=plan.seed, stop=plan.stop, logprobs=logprobs, top_logprobs=plan.logprobs)
         self.books.student_ran = True
         async with aclosing(self.engine.stream(self.tokens(answer), params, halt)) as gen:
             async for item in gen:
                 if isinstance(item, GenerationResult):
                     self.books.student_done(item)
                 yield item
+
+    async def score_prompt(self) -> list[TokenChoice | None] | None:
+        """The student's log-probabilities of its prompt's tokens (echo; None unless the plan asks for
+        log-probabilities). The prompt stays in the KV cache for the generation that follows, and its tokens
+        are counted once, by that generation (or, with nothing generated, by the books)."""
+        if self.plan.logprobs is None:
+            return None
+        params = GenerationParams(max_tokens=0, prompt_logprobs=self.plan.logprobs)
+        result = None
+        async with aclosing(self.engine.stream(self.plan.student_tokens, params)) as gen:
+            async for item in gen:
+                if isinstance(item, GenerationResult):
+                    result = item
+        return result.prompt_choices if result is not None else None
 
     def prefetcher(self, answer: str) -> Prefetcher | None:
         """The fast path (``edge_agent/fastpath.py``): a prefetcher that starts prefilling ``prompt + answer``

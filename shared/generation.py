@@ -35,6 +35,10 @@ class GenerationParams:
     # (``TokenChoice``); None is off, 0 gives the sent tokens' own only. What a distillation's transfer set keeps
     # of the teacher's distribution.
     top_logprobs: int | None = None
+    # Echo: score the prompt first, each token's log-probability after the ones before it and the
+    # ``prompt_logprobs`` most likely tokens (``GenerationResult.prompt_choices``). ``max_tokens`` 0 then scores
+    # and generates nothing.
+    prompt_logprobs: int | None = None
 
 
 class TokenChoice(NamedTuple):
@@ -79,6 +83,8 @@ class GenerationResult:
     draft_tokens: int = 0
     draft_accepted_tokens: int = 0
     draft_accepted_text: str | None = None
+    # With ``prompt_logprobs``: one entry per prompt token, None for the first (nothing comes before it).
+    prompt_choices: list[TokenChoice | None] | None = None
 
 
 # Called exactly once per generation with its final result, also when it was cancelled or failed, so the work

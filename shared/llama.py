@@ -140,10 +140,11 @@ def cached_tokens(llm: Any) -> Sequence[int]:
     return llm._input_ids[: llm.n_tokens]
 
 
-def decode_rows(llm: Any, chunk: list[int], n_past: int, size: int) -> None:
+def decode_rows(llm: Any, chunk: list[int], n_past: int, size: int, *, all_logits: bool = False) -> None:
     """Decode ``chunk`` at ``n_past`` as a batch of ``size`` rows (``size - len(chunk)`` filler rows repeat the
     last token at later positions, where causal attention hides them from the real rows; their KV cells are
-    dropped afterwards), with logits for the last real row only, and record it as the ``Llama``'s state."""
+    dropped afterwards), with logits for the last real row only (``all_logits``: for every real row, read with
+    ``row_logits``), and record it as the ``Llama``'s state."""
     n = len(chunk)
     llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
     b = llm._batch.batch
@@ -153,12 +154,17 @@ def decode_rows(llm: Any, chunk: list[int], n_past: int, size: int) -> None:
         b.pos[i] = n_past + i
         b.n_seq_id[i] = 1
         b.seq_id[i][0] = 0
-        b.logits[i] = i == n - 1
+        b.logits[i] = i < n if all_logits else i == n - 1
     llm._ctx.decode(llm._batch)
     llm._ctx.kv_cache_seq_rm(-1, n_past + n, -1)
     llm.input_ids[n_past : n_past + n] = chunk
     llm.n_tokens = n_past + n
     llm._requires_eval = False
+
+
+def row_logits(llm: Any, i: int) -> Any:
+    """A pointer to the logits of row ``i`` of the last batch ``decode_rows`` decoded with ``all_logits``."""
+    return llm._ctx.get_logits_ith(i)
 
 
 def last_logits(llm: Any) -> Any:

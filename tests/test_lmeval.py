@@ -6,9 +6,10 @@ examples in the format of ``../shared/data`` (GSM8K: ``question``, ``answer`` en
 CommonsenseQA: ``question.stem``, ``question.choices``, ``answerKey``), so nothing comes from a hub.
 
 Generation runs through ``local-completions`` (gkt and student modes: the mode travels in ``--gen_kwargs``,
-which lm-eval merges into each request) and ``local-chat-completions``. The multiple-choice task needs
-``echo`` with ``logprobs`` on ``/v1/completions`` (its tokenizer is the edge's own, through
-``/tokenizer_info``, ``/tokenize`` and ``/detokenize``): it is written and skipped until the edge serves those.
+which lm-eval merges into each request) and ``local-chat-completions``. The multiple-choice task runs through
+``local-completions`` with ``echo`` and ``logprobs`` (prompt log-probabilities) and the edge's own tokenizer
+(``/tokenizer_info``, ``/tokenize``, ``/detokenize``); its log-likelihoods are checked against the student's
+own, computed here with llama-cpp-python.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from shared.models import resolve
 from tests.conftest import CLIENT_KEY, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS, running_pair
 
 pytestmark = pytest.mark.models
@@ -138,10 +140,28 @@ def test_generation_task_runs_unchanged_against_the_edge(
     assert all(s["resps"] and s["resps"][0][0].strip() for s in run["samples"])  # every answer has text
 
 
-@pytest.mark.skip(reason="multiple choice needs echo + logprobs on /v1/completions (prompt log-probabilities), "
-                  "which the edge refuses with a 400 until its runners implement them (issue 21 point 1); the "
-                  "tokenizer side (/tokenizer_info, /tokenize, /detokenize for lm-eval's remote tokenizer) is served")
 def test_multiple_choice_task_runs_unchanged_against_the_edge(edge: str, tasks: Path, tmp_path: Path) -> None:
-    args = model_args(edge + "/v1/completions", "tokenizer_backend=remote,tokenized_requests=False")
+    # The remote tokenizer's own requests carry the key through lm-eval's auth_token.
+    args = model_args(edge + "/v1/completions",
+                      f"tokenizer_backend=remote,tokenized_requests=False,auth_token={CLIENT_KEY}")
     run = lm_eval(tasks, tmp_path, "local-completions", args, "gkt_csqa_local")
     assert 0.0 <= run["results"]["acc,none"] <= 1.0 and len(run["samples"]) == len(CSQA)
+    # Each choice's log-likelihood is the student's own: llama-cpp-python over the same tokens.
+    import llama_cpp
+    import numpy as np
+
+    ref = llama_cpp.Llama(model_path=str(resolve(ENV["GKT_EDGE_MODEL"])), n_ctx=1024, n_threads=1,
+                          n_threads_batch=1, logits_all=True, verbose=False)
+    try:
+        for sample in run["samples"]:
+            for args, resp in zip(sample["arguments"].values(), sample["resps"], strict=True):
+                context, continuation = args["arg_0"], args["arg_1"]
+                ctx = ref.tokenize(context.encode(), add_bos=False)
+                cont = ref.tokenize(continuation.encode(), add_bos=False)
+                ref.reset()
+                ref.eval(ctx + cont)
+                rows = llama_cpp.Llama.logits_to_logprobs(np.array(ref.scores[: len(ctx) + len(cont)]))
+                expected = sum(float(rows[len(ctx) - 1 + i][t]) for i, t in enumerate(cont))
+                assert float(resp[0][0]) == pytest.approx(expected, abs=1e-3 * len(cont))
+    finally:
+        ref.close()

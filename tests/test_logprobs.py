@@ -79,3 +79,22 @@ def test_a_callers_stop_ends_the_generation_and_the_result_still_arrives(engine:
     assert result.finish_reason == "cancelled"
     # The worker may decode a token or so before it sees the stop; the count says exactly how many.
     assert 3 <= result.completion_tokens < 40 and result.completion_tokens == sum(p.tokens for p in pieces)
+
+
+def test_top_alternatives_and_a_scored_prompt_leave_the_answer_unchanged(engine: LlamaEngine) -> None:
+    """Echo scores the prompt first (all positions decoded again, with their logits): the generation that
+    follows continues from that cache and writes exactly what it writes without it."""
+    asyncio.run(engine.reset_cache())
+    plain, _ = asyncio.run(collect(engine, GenerationParams(max_tokens=10)))
+    pieces, result = asyncio.run(collect(engine, GenerationParams(max_tokens=10, top_logprobs=3, prompt_logprobs=2)))
+    assert "".join(p.text for p in pieces) == "".join(p.text for p in plain)
+    n = len(engine.tokenize(PROMPT, special=False))
+    assert result.prompt_choices is not None and len(result.prompt_choices) == n and result.prompt_choices[0] is None
+    assert all(c is not None and len(c.top) == 2 for c in result.prompt_choices[1:])
+    choices = [c for p in pieces for c in (p.choices or [])]
+    assert len(choices) == result.completion_tokens
+    for c in choices:  # greedy: the chosen token is the most likely, and its number is the first alternative's
+        assert len(c.top) == 3 and c.top[0] == (c.id, c.logprob)
+    _, only = asyncio.run(collect(engine, GenerationParams(max_tokens=0, prompt_logprobs=0)))
+    assert only.completion_tokens == 0 and only.prompt_choices is not None
+    assert [c.logprob for c in only.prompt_choices[1:]] == [c.logprob for c in result.prompt_choices[1:]]

@@ -4,7 +4,8 @@
 * ``GuidedRunner`` (``gkt`` mode under ``fixed``, ``adaptive`` or ``reguide``, and ``student`` mode): the
   teacher's guidance, if any, starts the answer, the student finishes it, in rounds when re-guidance asks the
   teacher again;
-* ``VerifyRunner`` (``gkt`` mode under ``verify``): the student drafts, the teacher checks each draft.
+* ``VerifyRunner`` (``gkt`` mode under ``verify``): the student drafts, the teacher checks each draft;
+* ``Echoed`` (``max_tokens`` 0 with ``echo``): the prompt alone, nothing generated.
 
 A runner yields the answer's ``Delta``s and leaves its ``finish`` reason; ``edge_agent/pipeline.py`` picks it
 and closes the books. The decisions (when to stop, when to call again) are pure code in
@@ -27,3 +28,13 @@ class Runner(Protocol):
     finish: Finish | None
 
     def run(self) -> AsyncIterator[Delta]: ...
+
+
+class Echoed:
+    """``max_tokens`` 0 (with echo): the prompt alone is the answer; nothing is generated."""
+
+    finish: Finish | None = "length"
+
+    async def run(self) -> AsyncIterator[Delta]:
+        return
+        yield

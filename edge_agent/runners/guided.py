@@ -71,10 +71,10 @@ class GuidedRunner:
                 if left <= 0:
                     self.finish = "length"
                     break
-                async with aclosing(self._round(answer, left, reguider)) as texts:
-                    async for text in texts:
-                        answer += text
-                        yield Delta(text, "student")
+                async with aclosing(self._round(answer, left, reguider)) as deltas:
+                    async for delta in deltas:
+                        answer += delta.text
+                        yield delta
                 if self._trigger is not None and reguider is not None:
                     async with aclosing(self._reguide(answer, reguider, self._trigger)) as texts:
                         async for text in texts:
@@ -95,8 +95,9 @@ class GuidedRunner:
             reguider.stop()  # the cloud is in trouble: do not make this answer wait on it again
         return reguider
 
-    async def _round(self, answer: str, left: int, reguider: Reguider | None) -> AsyncIterator[str]:
-        """One student generation after ``answer``, up to ``left`` tokens; the text it releases. It ends the
+    async def _round(self, answer: str, left: int, reguider: Reguider | None) -> AsyncIterator[Delta]:
+        """One student generation after ``answer``, up to ``left`` tokens; the text it releases (with its tokens'
+        log-probabilities when asked for: a piece goes out whole unless reguide holds text back). It ends the
         answer, or (reguide) with a trigger in ``self._trigger``: the teacher is to write next."""
         watch = reguider is not None and reguider.budget_left()
         halt = threading.Event()
@@ -107,6 +108,7 @@ class GuidedRunner:
             reguider.new_round()
         async with aclosing(self.session.stream(answer, left, logprobs=watch, halt=halt)) as gen:
             async for piece in gen:
+                choices = None
                 if isinstance(piece, GenerationResult):
                     if trigger is None:
                         self.books.kept(piece.completion_tokens)
@@ -120,7 +122,7 @@ class GuidedRunner:
                 else:
                     self._note_handoff()
                     if reguider is None or not watch:
-                        out = piece.text
+                        out, choices = piece.text, piece.choices
                     else:
                         trigger = reguider.observe(answer + rnd.pending, piece.text, piece.logprobs or [])
                         out = rnd.add(piece, trigger.drop_from if trigger else reguider.holding_from)
@@ -128,7 +130,7 @@ class GuidedRunner:
                             halt.set()  # the student stops at its next token; its result still arrives
                 if out:
                     answer += out
-                    yield out
+                    yield Delta(out, "student", choices)
         self._trigger = trigger
 
     def _note_handoff(self) -> None:
