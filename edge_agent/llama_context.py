@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import ErrorCode, GKTError
 from shared.generation import GenerationParams, GenerationResult, Piece, StopMatcher, TokenChoice, common_prefix
+from shared.grammar import GrammarError, GrammarState
 from shared.llama import LlamaText, cached_tokens, clear_cache, decode_rows, last_logits, row_logits
 from shared.logprobs import token_choice
 
@@ -140,10 +142,13 @@ class LlamaContext:
         top = params.top_logprobs
         choices: list[TokenChoice] | None = [] if top is not None else None
         t_first: float | None = None
+        grammar = self._grammar(params)
         # The prompt is fully evaluated with its last logits current, so ``generate`` samples at once.
         gen = llm.generate(
             tokens, top_k=0, top_p=params.top_p, min_p=0.0, typical_p=1.0,
             temp=params.temperature, repeat_penalty=1.0,
+            logits_processor=None if grammar is None else [grammar.processor(
+                temperature=params.temperature, top_p=params.top_p, seed=params.seed)],
         )
         try:
             for tok in gen:
@@ -158,6 +163,8 @@ class LlamaContext:
                     break
                 n += 1
                 pending += 1
+                if grammar is not None:
+                    grammar.accept(tok)  # the processor let only an allowed token through
                 if logprobs is not None or choices is not None:
                     choice = self._choice(tok, top or 0)
                     if logprobs is not None:
@@ -177,6 +184,8 @@ class LlamaContext:
                     break
         finally:
             gen.close()
+            if grammar is not None:
+                grammar.close()
         if finish == "length" and (tail := stops.flush()):
             emit(Piece(tail, pending, logprobs, choices))
         # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
@@ -191,6 +200,16 @@ class LlamaContext:
             cached_prompt_tokens=cached,
             prompt_choices=scored,
         )
+
+    def _grammar(self, params: GenerationParams) -> GrammarState | None:
+        """The response format's grammar after the answer so far, over this context's model (built here, in
+        the worker: the model may have been swapped since the request was planned)."""
+        if params.grammar_start is None:
+            return None
+        try:
+            return params.grammar_start.state(self.llm)
+        except GrammarError as exc:
+            raise GKTError(ErrorCode.invalid_request, str(exc), param="response_format") from exc
 
     def _choice(self, token: int, k: int) -> TokenChoice:
         """``token``'s log-probability (and the ``k`` most likely tokens) under the logits it was just sampled

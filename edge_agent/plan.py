@@ -41,6 +41,7 @@ class Plan:
     task: Task | None = None
     guidance: GuidanceRequest | None = None  # what the cloud will be asked (gkt and teacher modes)
     policy: Policy = field(default_factory=FixedPolicy)  # how much of the teacher a gkt answer gets
+    grammar: str | None = None  # the response format's grammar: the whole answer is one such document
     logprobs: int | None = None  # log-probabilities with this many alternatives per token (None: none)
     echo: bool = False  # the prompt comes first in the answer (completions), scored when ``logprobs`` is set
 
@@ -83,6 +84,11 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
     policy = req.guidance_policy or FixedPolicy()
     top, echo = _logprobs(req), bool(getattr(req, "echo", False))
     _check_logprobs(mode, policy, top, echo)
+    fmt = req.response_format if req.response_format is not None and req.response_format.grammar else None
+    if fmt is not None and mode == "gkt" and isinstance(policy, VerifyPolicy):
+        raise GKTError(ErrorCode.invalid_request, "response_format is not available under the verify policy yet "
+                       "(the teacher cannot check a draft under a grammar); fixed, adaptive and reguide have it",
+                       param="response_format")
     if max_tokens == 0:
         mode = "student"  # the echoed prompt alone: the student scores it, nobody writes
     k = max_tokens if mode == "teacher" else min(req.guidance_tokens or settings.default_guidance_tokens, max_tokens)
@@ -93,7 +99,7 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
         try:
             guidance = GuidanceRequest(
                 messages=messages, prompt=teacher_raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
-                seed=req.seed, stop=stop, stream=True, whole_words=mode == "gkt",
+                seed=req.seed, stop=stop, stream=True, whole_words=mode == "gkt", response_format=fmt,
             )
         except ValidationError as exc:  # e.g. a teacher-mode answer longer than the wire protocol allows
             first = exc.errors()[0]
@@ -103,7 +109,8 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
     return Plan(
         mode=mode, messages=messages, raw_prompt=raw, student_prefix=prefix, student_tokens=tokens,
         special=special, max_tokens=max_tokens, k=k, temperature=req.temperature, top_p=req.top_p,
-        seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy, logprobs=top, echo=echo,
+        seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy, grammar=fmt.grammar if fmt else None,
+        logprobs=top, echo=echo,
     )
 
 

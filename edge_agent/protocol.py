@@ -16,8 +16,8 @@ Fields of the OpenAI API that change what the answer means are never ignored: ea
 (ranges, combinations), and those the edge does not honour yet are refused with a 400 naming the field
 (``NOT_YET_HONOURED``: delete a field's entry when the edge implements it). Fields that do not change the
 answer (``user``, ``metadata``, ``store``, ``service_tier``...) are accepted and ignored. Log-probabilities
-(``logprobs``, ``top_logprobs``, ``echo``) are honoured where the student chooses the tokens; the rules that
-depend on the mode and policy are in ``edge_agent/plan.py``.
+(``logprobs``, ``top_logprobs``, ``echo``) and structured output (``response_format``) are honoured; the rules
+that depend on the mode and policy are in ``edge_agent/plan.py``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ NOT_YET_HONOURED: dict[str, Callable[[Any], bool]] = {
     "tool_choice": lambda v: _set(v) and v != "none",
     "functions": _set,
     "function_call": lambda v: _set(v) and v != "none",
-    "response_format": lambda v: v is not None and v.type != "text",
     "logit_bias": _set,
     "frequency_penalty": _nonzero,
     "presence_penalty": _nonzero,

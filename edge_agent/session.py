@@ -17,6 +17,7 @@ from edge_agent.fastpath import Prefetcher
 from edge_agent.plan import Plan
 from edge_agent.student import LlamaEngine
 from shared.generation import GenerationParams, GenerationResult, Piece, TokenChoice
+from shared.grammar import GrammarStart
 
 
 class StudentSession:
@@ -48,8 +49,11 @@ class StudentSession:
         """Up to ``max_tokens`` student tokens after ``answer`` with the user's sampling settings, then the
         result (already in the books). ``halt`` ends it at the next token; the result still arrives."""
         plan = self.plan
+        # Under a response format the student continues the document from where the answer so far left it.
+        grammar = GrammarStart(plan.grammar, answer) if plan.grammar is not None else None
         params = GenerationParams(max_tokens=max_tokens, temperature=plan.temperature, top_p=plan.top_p,
-                                  seed=plan.seed, stop=plan.stop, logprobs=logprobs, top_logprobs=plan.logprobs)
+                                  seed=plan.seed, stop=plan.stop, logprobs=logprobs, top_logprobs=plan.logprobs,
+                                  grammar_start=grammar)
         self.books.student_ran = True
         async with aclosing(self.engine.stream(self.tokens(answer), params, halt)) as gen:
             async for item in gen:

@@ -197,7 +197,8 @@ class LlamaEngine(LlamaText):
             emit(self._context.generate(tokens, params, cancel, emit))
             self.consecutive_failures = 0
         except BaseException as exc:  # reported to the awaiting coroutine, never lost in the thread
-            self.consecutive_failures += 1
+            if not isinstance(exc, GKTError) or exc.code is ErrorCode.engine_error:
+                self.consecutive_failures += 1  # the request's own fault (a 4xx) says nothing of the engine
             emit(exc)
 
     # --- prefill ---------------------------------------------------------------------------------------

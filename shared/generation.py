@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from shared.errors import ErrorCode, GKTError
 
 if TYPE_CHECKING:
-    from shared.grammar import GrammarState
+    from shared.grammar import GrammarStart, GrammarState
 
 
 @dataclass
@@ -31,6 +31,9 @@ class GenerationParams:
     # continued message began). The engine samples under it and advances it over every token it generates;
     # the caller owns it (and may go on using it after the generation).
     grammar: GrammarState | None = None
+    # The same for an engine that builds the state in its own worker thread (the edge's student): the grammar
+    # and the text written so far, which it advances over first.
+    grammar_start: GrammarStart | None = None
     # Report each sent token's id, log-probability and the ``top_logprobs`` most likely tokens with theirs
     # (``TokenChoice``); None is off, 0 gives the sent tokens' own only. What a distillation's transfer set keeps
     # of the teacher's distribution.

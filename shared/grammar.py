@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,24 @@ Scores = Any  # numpy float32 array of one row of logits (the vocabulary in toke
 
 class GrammarError(ValueError):
     """A token or text that the grammar does not allow at this point (the state is unchanged)."""
+
+
+@dataclass(frozen=True)
+class GrammarStart:
+    """A grammar and the text already written under it: what the student's worker thread turns into a
+    ``GrammarState`` over the model it is about to decode with (a model swapped in for a new adapter frees the
+    old one, so a state is never built ahead, on another thread)."""
+
+    grammar: str
+    written: str = ""
+
+    def state(self, llm: Any) -> GrammarState:
+        """The state after ``written``; ``GrammarError`` when ``written`` is not the start of a document."""
+        state = GrammarState(llm, self.grammar)
+        if (n := state.advance(self.written)) < len(self.written):
+            state.close()
+            raise GrammarError(f"the answer so far stops being a document of the response_format at character {n}")
+        return state
 
 
 class GrammarState:

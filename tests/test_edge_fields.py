@@ -30,7 +30,6 @@ IN_EFFECT: dict[str, tuple[str, Any]] = {
     "tool_choice": ("chat", "auto"),
     "functions": ("chat", [TOOL["function"]]),
     "function_call": ("chat", {"name": "f"}),
-    "response_format": ("chat", {"type": "json_object"}),
     "logit_bias": ("completion", {"42": 5}),
     "frequency_penalty": ("chat", 0.5),
     "presence_penalty": ("completion", 0.5),
@@ -111,7 +110,7 @@ def test_the_openai_sdk_sees_a_400_for_tools(edge: str) -> None:
     assert "tools" in str(info.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], stream=True,
-                                       response_format={"type": "json_object"})
+                                       logit_bias={"42": 5})
 
 
 def test_tokenize_with_the_student_and_the_teacher(services: tuple[Service, Service]) -> None:
