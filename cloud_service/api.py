@@ -93,6 +93,12 @@ async def detokenize(body: DetokenizeRequest, service: ServiceDep) -> dict[str, 
     return await service.engine.detokenize(body)
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(service: ServiceDep) -> dict[str, Any]:
+    """The teacher's special tokens, chat template and vocabulary fingerprint, as vLLM's ``/tokenizer_info``."""
+    return await service.engine.tokenizer_info()
+
+
 @router.post(TELEMETRY_PATH, response_model=BatchReceipt)
 async def telemetry_answers(body: AnswerBatch, fleet: FleetDep, tenant: TenantDep) -> BatchReceipt:
     """An edge's per-answer records (at least once: a record already stored is acknowledged, not stored again)."""

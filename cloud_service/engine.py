@@ -112,4 +112,9 @@ class TeacherEngine(Protocol):
         """``/detokenize`` with the teacher's tokenizer."""
         ...
 
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """``/tokenizer_info``: the teacher's special tokens, template, sizes and vocabulary fingerprint
+        (``not_found`` where the engine cannot say)."""
+        ...
+
     async def aclose(self) -> None: ...

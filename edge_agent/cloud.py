@@ -28,6 +28,8 @@ from shared.protocol import (
 )
 from shared.upstream import gkt_status_error, json_object, transport_errors
 
+VOCAB_TTL_S = 300.0  # how long the teacher's vocabulary fingerprint is trusted before the cloud is asked again
+
 Frame = TokenFrame | HeartbeatFrame | DoneFrame
 
 
@@ -46,6 +48,7 @@ class CloudClient:
         self.policy = policy or RetryPolicy()
         self.breaker = breaker or CircuitBreaker()
         self.read_timeout_s = read_timeout_s
+        self._teacher_vocab: tuple[float, str] | None = None  # (when asked, fingerprint; "" when none given)
 
     async def guidance(self, request: GuidanceRequest, deadline: float) -> AsyncIterator[Frame]:
         """Frames of one guidance stream up to its ``done`` frame (``deadline`` is ``time.monotonic()``).
@@ -88,14 +91,23 @@ class CloudClient:
                     self.breaker.success()
                 raise
 
-    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """One JSON call to the cloud (``/tokenize``, ``/detokenize``): its answer, or its refusal as a
-        ``GKTError``. Not retried and not counted by the breaker: nothing of an answer depends on it."""
+    async def teacher_vocabulary(self) -> str | None:
+        """The teacher's vocabulary fingerprint from the cloud's ``/tokenizer_info`` (None when it gives none),
+        asked again after ``VOCAB_TTL_S`` (a cloud restarted with another teacher changes it)."""
+        if self._teacher_vocab is None or time.monotonic() - self._teacher_vocab[0] > VOCAB_TTL_S:
+            info = await self.post("/tokenizer_info", method="GET")
+            self._teacher_vocab = (time.monotonic(), str(info.get("vocab_sha256") or ""))
+        return self._teacher_vocab[1] or None
+
+    async def post(self, path: str, body: dict[str, Any] | None = None, *, method: str = "POST") -> dict[str, Any]:
+        """One JSON call to the cloud (``/tokenize``, ``/detokenize``, ``GET /tokenizer_info``): its answer, or
+        its refusal as a ``GKTError``. Not retried and not counted by the breaker: nothing of an answer's text
+        depends on it."""
         if not self.breaker.allow():
             raise GKTError(ErrorCode.circuit_open, "the cloud has been failing")
         headers = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) != "-" else {}
         with transport_errors("the cloud did not answer in time", "the cloud is unreachable"):
-            resp = await self._client.post(path, json=body, headers=headers)
+            resp = await self._client.request(method, path, json=body, headers=headers)
         if resp.status_code != 200:
             raise gkt_status_error(resp.status_code, resp.content, resp.headers.get("retry-after"))
         return json_object(resp, "the cloud")

@@ -22,8 +22,8 @@ from edge_agent.fastpath import Prefetcher
 from edge_agent.plan import Plan
 from edge_agent.policies import FirstStop
 from edge_agent.seam import GuidanceSeam
-from shared.errors import GKTError
-from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, TokenFrame
+from shared.errors import ErrorCode, GKTError
+from shared.protocol import ChatMessage, DoneFrame, GuidanceRequest, TokenFrame, TokenLogprob
 
 log = logging.getLogger("gkt.edge")
 
@@ -56,6 +56,13 @@ class Guidance:
 
     async def text(self, request: GuidanceRequest, call: GuidanceCall) -> AsyncIterator[str]:
         """The teacher's text as it arrives; cloud trouble ends it early (gkt mode) or raises (teacher mode)."""
+        async with aclosing(self.tokens(request, call)) as items:
+            async for text, _ in items:
+                yield text
+
+    async def tokens(self, request: GuidanceRequest, call: GuidanceCall
+                     ) -> AsyncIterator[tuple[str, list[TokenLogprob] | None]]:
+        """``text``, each piece with the teacher's tokens behind it when the request asked for them."""
         info = self.info
         t0 = perf_counter()
         is_first = call.kind == "first"
@@ -72,7 +79,7 @@ class Guidance:
                         if is_first:
                             info.timings.guidance_last_token_s = call.last_token_at - t0
                         got_text = True
-                        yield frame.text
+                        yield frame.text, frame.logprobs
                     elif isinstance(frame, DoneFrame):
                         info.teacher_model = frame.model
                         call.prompt_tokens = frame.usage.prompt_tokens
@@ -107,6 +114,19 @@ class Guidance:
             if is_first:
                 info.timings.cloud_ttft_s = call.cloud_ttft_s
                 info.timings.guidance_s = call.s
+
+    async def names_teacher_tokens(self, student_vocab: str) -> None:
+        """Raise a 400 unless the teacher's token ids mean what the student's do (the same vocabulary
+        fingerprint, ``shared/tokenize.py``), so the edge can name the teacher's log-probabilities."""
+        try:
+            teacher_vocab = await self.cloud.teacher_vocabulary()
+        except GKTError as err:
+            raise GKTError(ErrorCode.invalid_request, f"logprobs in teacher mode need the teacher's vocabulary, "
+                           f"which the cloud did not give ({err.code.name})", param="logprobs") from err
+        if teacher_vocab != student_vocab:
+            raise GKTError(ErrorCode.invalid_request, "logprobs in teacher mode need a teacher with the student's "
+                           "vocabulary (its token ids are named with the student's); this pair has two",
+                           param="logprobs")
 
     async def written(self, request: GuidanceRequest, call: GuidanceCall) -> str:
         """All the teacher wrote in one call (failures end up in ``call``)."""

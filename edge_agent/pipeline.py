@@ -74,7 +74,8 @@ class Pipeline:
             return GuidedRunner(plan, session, books)
         guidance = Guidance(self.cloud, plan, books.info, self.settings.guidance_timeout_s)
         if plan.mode == "teacher":
-            return TeacherRunner(plan, guidance, books.info)
+            namer = self.student if plan.logprobs is not None else None  # names the teacher's tokens
+            return TeacherRunner(plan, guidance, books.info, student=namer)
         match plan.policy:
             case FixedPolicy() | AdaptivePolicy():
                 return GuidedRunner(plan, session, books, guidance, stopper=first_stop(plan.policy))

@@ -100,6 +100,7 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
             guidance = GuidanceRequest(
                 messages=messages, prompt=teacher_raw, max_tokens=k, temperature=req.temperature, top_p=req.top_p,
                 seed=req.seed, stop=stop, stream=True, whole_words=mode == "gkt", response_format=fmt,
+                top_logprobs=top if mode == "teacher" else None,
             )
         except ValidationError as exc:  # e.g. a teacher-mode answer longer than the wire protocol allows
             first = exc.errors()[0]
@@ -122,14 +123,13 @@ def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
 
 
 def _check_logprobs(mode: Mode, policy: Policy, top: int | None, echo: bool) -> None:
-    """Log-probabilities are the student's: refused where the student does not choose the answer's tokens
-    in a form they follow (the teacher's own do not reach the edge named; reguide takes back and verify cuts
-    the student's text at character offsets, so token and text part ways)."""
-    if mode == "teacher" and (top is not None or echo):
-        param = "echo" if echo else "logprobs"
-        raise GKTError(ErrorCode.invalid_request, f"{param} is not available in teacher mode: the teacher's "
+    """Log-probabilities are the student's, or in teacher mode the teacher's own (the cloud sends them; named
+    with the student's vocabulary, checked in the runner). Refused where tokens and text part ways: reguide takes
+    back and verify cuts the student's text at character offsets. Echo scores the prompt with the student."""
+    if mode == "teacher" and echo:
+        raise GKTError(ErrorCode.invalid_request, "echo is not available in teacher mode: the teacher's prompt "
                        "log-probabilities do not reach the edge (student and gkt modes have the student's)",
-                       param=param)
+                       param="echo")
     if top is not None and mode == "gkt" and isinstance(policy, ReguidePolicy | VerifyPolicy):
         raise GKTError(ErrorCode.invalid_request, f"logprobs are not available under the {policy.name} "
                        "policy yet (fixed and adaptive have them)", param="logprobs")

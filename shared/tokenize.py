@@ -15,6 +15,7 @@ as empty text (llama.cpp's plain detokenization).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -129,6 +130,18 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def vocabulary_sha256(text: Any) -> str:
+    """``LlamaVocabulary.sha256`` of a ``LlamaText``, computed once and kept on it (152k tokens: ~0.3 s; a model
+    swapped in for another adapter has the same base, so the same vocabulary)."""
+    if (known := getattr(text, "vocab_sha256", None)) is None:
+        digest = hashlib.sha256()
+        for tok in range(int(text._llm.n_vocab())):
+            piece = bytes(text.piece(tok))
+            digest.update(len(piece).to_bytes(2, "little") + piece)
+        known = text.vocab_sha256 = digest.hexdigest()
+    return str(known)
+
+
 class LlamaVocabulary:
     """A ``Vocabulary`` over a loaded llama.cpp model's text side (``shared.llama.LlamaText``)."""
 
@@ -160,4 +173,11 @@ class LlamaVocabulary:
 
         return {"tokenizer_class": "llama.cpp", "model_max_length": self.n_ctx, "vocab_size": self._n_vocab,
                 "bos_token": special(llm.token_bos()), "eos_token": special(llm.token_eos()),
-                "chat_template": llm.metadata.get("tokenizer.chat_template")}
+                "chat_template": llm.metadata.get("tokenizer.chat_template"),
+                "vocab_sha256": self.sha256()}
+
+    def sha256(self) -> str:
+        """A fingerprint of the vocabulary: every token's bytes in id order (gkt's extension of
+        ``/tokenizer_info``). Two models with the same one name a token id the same way, so one can name the
+        other's tokens (the edge names the teacher's log-probabilities with the student's vocabulary)."""
+        return vocabulary_sha256(self._text)

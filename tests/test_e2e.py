@@ -134,6 +134,25 @@ def test_teacher_mode_is_the_teacher_alone(edge: Service, cloud: Service) -> Non
     assert body["choices"][0]["text"] == alone.json()["text"]
 
 
+def test_teacher_mode_logprobs_are_the_teachers_own_when_the_vocabularies_match(
+    edge: Service, edge_smol: Service, edge_upstream: Service
+) -> None:
+    """The default pair shares Qwen's vocabulary (one fingerprint in both ``/tokenizer_info``s): the edge names
+    the teacher's token ids with the student's. SmolLM2 under the Qwen teacher, or a teacher upstream that does
+    not describe its vocabulary: a 400 naming ``logprobs``, never numbers under the wrong names."""
+    body = {"prompt": "Q: Tom has 3 boxes of 4 pens. How many pens does he have?\nA:", "mode": "teacher",
+            "max_tokens": 12, "logprobs": 2}
+    r = post(edge, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]).startswith(choice["text"]) and len(lp["tokens"]) >= len(choice["text"].split())
+    assert all(x <= 0 for x in lp["token_logprobs"]) and all(len(t) >= 2 for t in lp["top_logprobs"])
+    for other in (edge_smol, edge_upstream):
+        bad = post(other, "/v1/completions", body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "logprobs", bad.text
+
+
 def test_openai_client_streams_guidance_then_student(edge: Service) -> None:
     client = OpenAI(base_url=edge.url + "/v1", api_key=CLIENT_KEY, timeout=600)
     stream = client.chat.completions.create(

@@ -153,6 +153,21 @@ def test_gkt_mode_marks_the_guidance_as_given(edge: str) -> None:
             assert all(e["logprob"] <= 0 for e in entries)
 
 
+def test_teacher_mode_carries_the_teachers_own(edge: str, reference: Any) -> None:
+    """The cloud sends the teacher's log-probabilities; the edge names them with the student's vocabulary
+    (the same model on both sides here, so the numbers are also the reference's)."""
+    body = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 10, "mode": "teacher",
+            "logprobs": True, "top_logprobs": 2}
+    out = post(edge, "/v1/chat/completions", body)
+    content, text = out["choices"][0]["logprobs"]["content"], out["choices"][0]["message"]["content"]
+    assert content and bytes(b for e in content for b in e["bytes"]).decode() == text
+    assert all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in content)
+    toks = post(edge, "/tokenize", {"messages": body["messages"]})["tokens"]
+    answer = reference.tokenize(text.encode(), add_bos=False, special=False)
+    # The cloud's batch decodes a step at a time too, in a batch of one here (nothing else is running).
+    assert [e["logprob"] for e in content] == pytest.approx(generation_scores(reference, toks, answer), abs=GEN_TOL)
+
+
 def test_the_openai_sdk_reads_them(edge: str) -> None:
     client = openai.OpenAI(base_url=edge + "/v1", api_key=CLIENT_KEY)
     msgs = [{"role": "user", "content": "Say hello."}]

@@ -101,6 +101,9 @@ class LlamaTeacher:
     async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         return detokenize(self.vocabulary, request)
 
+    async def tokenizer_info(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self.vocabulary.info)  # the fingerprint takes ~0.3 s the first time
+
     def _grammar(self, request: GuidanceRequest) -> GrammarState | None:
         """The response format's grammar, advanced over the start of the answer a continued message holds."""
         if request.grammar is None:

@@ -219,6 +219,9 @@ class OpenAITeacher:
     async def detokenize(self, request: DetokenizeRequest) -> dict[str, Any]:
         return await self._verifier.root_call("detokenize", {"tokens": request.tokens})
 
+    async def tokenizer_info(self) -> dict[str, Any]:
+        raise GKTError(ErrorCode.not_found, "this cloud's teacher upstream does not describe its vocabulary")
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
