@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from edge_agent.answer import Mode
-from edge_agent.policies import FixedPolicy, Policy, ReguidePolicy, VerifyPolicy, first_stop
+from edge_agent.policies import FixedPolicy, Policy, VerifyPolicy, first_stop
 from edge_agent.protocol import ChatCompletionRequest, CompletionRequest
 from edge_agent.settings import EdgeSettings
 from edge_agent.student import LlamaEngine
@@ -83,7 +83,10 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
         raise GKTError(ErrorCode.overloaded, "the student is busy; try again shortly", retry_after=1.0)
     policy = req.guidance_policy or FixedPolicy()
     top, echo = _logprobs(req), bool(getattr(req, "echo", False))
-    _check_logprobs(mode, policy, top, echo)
+    if mode == "teacher" and echo:  # echo scores the prompt with the student
+        raise GKTError(ErrorCode.invalid_request, "echo is not available in teacher mode: the teacher's prompt "
+                       "log-probabilities do not reach the edge (student and gkt modes have the student's)",
+                       param="echo")
     fmt = req.response_format if req.response_format is not None and req.response_format.grammar else None
     if fmt is not None and mode == "gkt" and isinstance(policy, VerifyPolicy):
         raise GKTError(ErrorCode.invalid_request, "response_format is not available under the verify policy yet "
@@ -120,16 +123,3 @@ def _logprobs(req: ChatCompletionRequest | CompletionRequest) -> int | None:
     if isinstance(req, ChatCompletionRequest):
         return (req.top_logprobs or 0) if req.logprobs else None
     return req.logprobs
-
-
-def _check_logprobs(mode: Mode, policy: Policy, top: int | None, echo: bool) -> None:
-    """Log-probabilities are the student's, or in teacher mode the teacher's own (the cloud sends them; named
-    with the student's vocabulary, checked in the runner). Refused where tokens and text part ways: reguide takes
-    back and verify cuts the student's text at character offsets. Echo scores the prompt with the student."""
-    if mode == "teacher" and echo:
-        raise GKTError(ErrorCode.invalid_request, "echo is not available in teacher mode: the teacher's prompt "
-                       "log-probabilities do not reach the edge (student and gkt modes have the student's)",
-                       param="echo")
-    if top is not None and mode == "gkt" and isinstance(policy, ReguidePolicy | VerifyPolicy):
-        raise GKTError(ErrorCode.invalid_request, f"logprobs are not available under the {policy.name} "
-                       "policy yet (fixed and adaptive have them)", param="logprobs")

@@ -10,7 +10,7 @@ saw is always a prefix of the answer, and every seam is continuous.
 
 from __future__ import annotations
 
-from shared.generation import Piece
+from shared.generation import Piece, TokenChoice
 from shared.words import last_boundary
 
 
@@ -32,6 +32,8 @@ class StudentRound:
         self.released = 0
         self._starts: list[int] = []  # character offset of each piece
         self._tokens: list[int] = []  # tokens of each piece
+        self._choices: list[list[TokenChoice] | None] = []  # each piece's tokens (log-probabilities asked for)
+        self._given = 0  # pieces whose tokens went out with released text
 
     def add(self, piece: Piece, hold_from: int | None) -> str:
         """Add the next piece; return the text now safe to release. ``hold_from``: index of the first piece
@@ -40,6 +42,7 @@ class StudentRound:
         up to the last safe boundary before it is released and the rest is dropped."""
         self._starts.append(len(self.text))
         self._tokens.append(piece.tokens)
+        self._choices.append(piece.choices)
         self.text += piece.text
         limit = len(self.text) if hold_from is None else self._starts[hold_from]
         return self._release(cut_before(self.text, limit, self.released))
@@ -57,6 +60,15 @@ class StudentRound:
     def kept_tokens(self) -> int:
         """Tokens of the pieces that (at least partly) made it into the released text."""
         return sum(t for s, t in zip(self._starts, self._tokens, strict=True) if s < self.released)
+
+    def released_choices(self) -> list[TokenChoice] | None:
+        """The tokens behind the text released since the last call (as ``kept_tokens`` counts: a piece the cut
+        goes through is listed whole); None without log-probabilities."""
+        n = sum(1 for s in self._starts if s < self.released)
+        out, self._given = self._choices[self._given : n], max(self._given, n)
+        if any(c is None for c in out):
+            return None
+        return [c for cs in out for c in cs or []]
 
     def _release(self, cut: int) -> str:
         out = self.text[self.released : cut]

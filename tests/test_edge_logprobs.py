@@ -153,6 +153,38 @@ def test_gkt_mode_marks_the_guidance_as_given(edge: str) -> None:
             assert all(e["logprob"] <= 0 for e in entries)
 
 
+@pytest.mark.parametrize("policy", [
+    {"name": "reguide", "threshold": -0.3, "span": 1, "min_gap": 2, "tokens": 3},
+    {"name": "verify", "draft_tokens": 4},
+], ids=["reguide", "verify"])
+def test_policies_that_cut_the_students_text_keep_its_tokens(edge: str, policy: dict[str, Any]) -> None:
+    """Under reguide (the student's unsure span taken back) and verify (each draft kept up to the teacher's
+    first different token) the student's chunks carry the tokens behind their text and the teacher's are
+    given; a token the cut goes through is listed whole (its text starts in the answer)."""
+    body = {"messages": [{"role": "user", "content": "Count from one to twenty in words."}], "max_tokens": 40,
+            "mode": "gkt", "guidance_tokens": 2, "guidance_policy": policy, "logprobs": True, "stream": True}
+    chunks = []
+    with httpx.stream("POST", edge + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    parts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(parts) > 2 and chunks[-1]["gkt"]["guidance_calls"] >= 2  # the policy called the teacher again
+    student = teacher = 0
+    for c in parts:
+        entries, text = c["choices"][0]["logprobs"]["content"], c["choices"][0]["delta"]["content"]
+        joined = "".join(e["token"] for e in entries)
+        if c["gkt"]["source"] == "teacher":
+            teacher += 1
+            assert joined == text and all(e["logprob"] is None for e in entries)
+        else:
+            student += 1
+            assert joined.startswith(text) or text.startswith(joined), (text, joined)
+            assert all(e["logprob"] <= 0 for e in entries)
+    assert student and teacher
+
+
 def test_teacher_mode_carries_the_teachers_own(edge: str, reference: Any) -> None:
     """The cloud sends the teacher's log-probabilities; the edge names them with the student's vocabulary
     (the same model on both sides here, so the numbers are also the reference's)."""

@@ -97,7 +97,7 @@ class GuidedRunner:
 
     async def _round(self, answer: str, left: int, reguider: Reguider | None) -> AsyncIterator[Delta]:
         """One student generation after ``answer``, up to ``left`` tokens; the text it releases (with its tokens'
-        log-probabilities when asked for: a piece goes out whole unless reguide holds text back). It ends the
+        log-probabilities when asked for: under reguide, those of the pieces its released text comes from). It ends the
         answer, or (reguide) with a trigger in ``self._trigger``: the teacher is to write next."""
         watch = reguider is not None and reguider.budget_left()
         halt = threading.Event()
@@ -114,6 +114,7 @@ class GuidedRunner:
                         self.books.kept(piece.completion_tokens)
                         self.finish = "stop" if piece.finish_reason == "stop" else "length"
                         out = rnd.finish()
+                        choices = rnd.released_choices()
                     else:
                         self.books.kept(rnd.kept_tokens)
                         out = ""
@@ -126,6 +127,7 @@ class GuidedRunner:
                     else:
                         trigger = reguider.observe(answer + rnd.pending, piece.text, piece.logprobs or [])
                         out = rnd.add(piece, trigger.drop_from if trigger else reguider.holding_from)
+                        choices = rnd.released_choices()
                         if trigger is not None:
                             halt.set()  # the student stops at its next token; its result still arrives
                 if out:

@@ -23,20 +23,36 @@ from edge_agent.guidance import Guidance
 from edge_agent.policies import VerifyPolicy, kept_tokens
 from edge_agent.runners import Finish
 from edge_agent.session import StudentSession
-from shared.generation import GenerationResult, StopMatcher
+from shared.generation import GenerationResult, StopMatcher, TokenChoice
 
 
 @dataclass
 class Draft:
-    """Student text proposed for the teacher to check: its pieces (text, tokens) and how it ended."""
+    """Student text proposed for the teacher to check: its pieces (text, tokens) and how it ended, and with
+    log-probabilities asked for, each piece's tokens (``choices``, parallel to ``pieces``)."""
 
     pieces: list[tuple[str, int]] = field(default_factory=list)
     generated: int = 0  # tokens (a held-back partial stop included)
     stopped: bool = False  # the student ended the answer (end of turn or a stop sequence)
+    choices: list[list[TokenChoice] | None] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return "".join(text for text, _ in self.pieces)
+
+    def choices_before(self, chars: int) -> list[TokenChoice] | None:
+        """The tokens behind the first ``chars`` characters, as ``kept_tokens`` counts them (a piece the cut goes
+        through is listed whole); None without log-probabilities."""
+        if not self.choices or any(c is None for c in self.choices):
+            return None
+        out: list[TokenChoice] = []
+        pos = 0
+        for (text, _), choices in zip(self.pieces, self.choices, strict=True):
+            if pos >= chars:
+                break
+            out += choices or []
+            pos += len(text)
+        return out
 
     def after(self, written: str) -> Draft | None:
         """This draft without its opening ``written`` (the teacher's token, which the student also wrote), or
@@ -48,7 +64,7 @@ class Draft:
         if pos != len(written) or not self.text.startswith(written):
             return None
         rest = self.pieces[i:]
-        return Draft(rest, sum(n for _, n in rest), self.stopped)
+        return Draft(rest, sum(n for _, n in rest), self.stopped, self.choices[i:])
 
 
 @dataclass
@@ -62,15 +78,21 @@ class VerifyRunner:
     finish: Finish | None = "length"
     _answer: str = field(default="", init=False)  # all text so far, a stop sequence's possible start included
     _guard: StopMatcher = field(init=False)
+    _held: list[TokenChoice] = field(default_factory=list, init=False)  # tokens of student text the guard holds
 
     def __post_init__(self) -> None:
         self._guard = StopMatcher(self.session.plan.stop)
 
-    def _show(self, text: str, source: Source) -> tuple[Delta | None, bool]:
-        """``text`` joins the answer; the part no stop sequence may still claim goes out, and whether one hit."""
+    def _show(self, text: str, source: Source, choices: list[TokenChoice] | None = None) -> tuple[Delta | None, bool]:
+        """``text`` joins the answer; the part no stop sequence may still claim goes out, and whether one hit.
+        The student's tokens behind text held back go out with its next text."""
         safe, hit = self._guard.feed(text)
         self._answer += text
-        return (Delta(safe, source) if safe else None), hit
+        if source == "student" and choices is not None:
+            choices, self._held = self._held + choices, []
+            if not safe:
+                self._held, choices = choices, None
+        return (Delta(safe, source, choices if source == "student" else None) if safe else None), hit
 
     async def run(self) -> AsyncIterator[Delta]:
         info, policy, room = self.books.info, self.policy, self.session.room
@@ -109,7 +131,7 @@ class VerifyRunner:
                     if nxt is not None:
                         ahead = await nxt  # written after this draft: it goes out too
                     self.books.kept(draft.generated)
-                    delta, hit = self._show(draft.text, "student")
+                    delta, hit = self._show(draft.text, "student", draft.choices_before(len(draft.text)))
                     if delta is not None:
                         yield delta
                     if draft.stopped or hit:
@@ -125,9 +147,10 @@ class VerifyRunner:
                 self.books.kept(kept_tokens(draft.pieces, accepted))
                 call.offset, call.text = len(answer) + accepted, written
                 hit = False
+                kept = draft.choices_before(accepted)
                 for text, source in ((draft.text[:accepted], "student"), (written, "teacher")):
                     if text and not hit:
-                        delta, hit = self._show(text, source)  # type: ignore[arg-type]
+                        delta, hit = self._show(text, source, kept)  # type: ignore[arg-type]
                         if delta is not None:
                             yield delta
                 if hit or call.finish == "stop" or (draft.stopped and whole):
@@ -151,7 +174,7 @@ class VerifyRunner:
         """No more checking (budget, a slow or failed cloud): the student's text goes out as it comes."""
         if ahead is not None:
             self.books.kept(ahead.generated)
-            delta, hit = self._show(ahead.text, "student")
+            delta, hit = self._show(ahead.text, "student", ahead.choices_before(len(ahead.text)))
             if delta is not None:
                 yield delta
             if hit or ahead.stopped:
@@ -169,13 +192,13 @@ class VerifyRunner:
                         self.books.kept(item.completion_tokens)
                         self.finish = "stop" if item.finish_reason != "length" or hit else "length"
                     elif not hit:
-                        delta, hit = self._show(item.text, "student")
+                        delta, hit = self._show(item.text, "student", item.choices)
                         if hit:
                             halt.set()  # a stop sequence across the seam: the student stops at its next token
                         if delta is not None:
                             yield delta
         if self.finish == "length" and (tail := self._guard.flush()):
-            yield Delta(tail, "student")
+            yield Delta(tail, "student", self._held if self.session.plan.logprobs is not None else None)
 
     async def _draft(self, answer: str, n: int, halt: threading.Event | None = None) -> Draft:
         """Up to ``n`` student tokens after ``answer`` (``halt`` ends it early: the tokens so far stand)."""
@@ -187,4 +210,5 @@ class VerifyRunner:
                     draft.stopped = item.finish_reason == "stop"
                 else:
                     draft.pieces.append((item.text, item.tokens))
+                    draft.choices.append(item.choices)
         return draft
