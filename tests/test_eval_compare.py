@@ -64,3 +64,19 @@ def test_mixed_or_empty_inputs_are_refused_by_name(tmp_path: Path) -> None:
     other = write(tmp_path / "other.jsonl", {"q9": True})
     with pytest.raises(ValueError, match="share no question"):
         compare([load(f"a={mixed}@student only"), load(f"b={other}")])
+
+
+def test_verify_runs_show_their_drafts(tmp_path: Path) -> None:
+    config = RunConfig("gsm8k", "gkt", None, 256, "t", "s", "verify").as_dict()
+    path = tmp_path / "verify.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for qid, accepted in (("q1", [4, 4, 2]), ("q2", [4])):  # drafts of 4 characters; 3 of 4 kept whole
+            calls = [{"kind": "verify", "draft": "abcd", "draft_accepted": a} for a in accepted]
+            f.write(json.dumps({"key": RunConfig(**config).key, "qid": qid, "correct": True, "config": config,
+                                "calls": calls, "usage": {"teacher_draft_tokens": 10 * len(calls),
+                                                          "teacher_tokens": len(calls)}}) + "\n")
+    base = write(tmp_path / "base.jsonl", {"q1": False, "q2": True})
+    rows = compare([load(f"base={base}"), load(f"verify={path}")])
+    assert rows[0].checked is None and rows[1].checked is not None
+    table = markdown(rows)
+    assert "| verify | 2.00 | 75.0 % | 20.0 | 2.0 |" in table, table

@@ -8,6 +8,9 @@ reference. Every run is scored on the questions all runs answered, so the accura
 its Wilson 95 % interval, the questions only it or only the reference got right, and the exact two-sided
 McNemar p-value of that split (the binomial test on the discordant pairs), the test for two classifiers on the
 same items.
+
+Runs of the ``verify`` policy also get the drafts' side, on the same questions: guidance calls per answer,
+the share of drafts the teacher kept whole, and the teacher's tokens per answer (drafts read, tokens written).
 """
 
 from __future__ import annotations
@@ -25,10 +28,30 @@ from gkt.eval.stats import wilson
 
 
 @dataclass
+class Checked:
+    """One verify answer's drafts: calls, drafts checked and kept whole, teacher tokens read and written."""
+
+    calls: int
+    drafts: int
+    whole: int
+    read: int
+    written: int
+
+
+@dataclass
 class Run:
     label: str
     correct: dict[str, bool]  # question id -> right or not
     adapter: str | None  # the adapter that answered, as the records name it (None: the base model)
+    checked: dict[str, Checked] | None = None  # verify runs: question id -> its drafts
+
+
+def _checked(record: dict[str, Any]) -> Checked:
+    drafts = [c for c in record.get("calls") or [] if c.get("kind") == "verify" and c.get("draft")]
+    usage = record.get("usage") or {}
+    return Checked(len(record.get("calls") or []), len(drafts),
+                   sum(c.get("draft_accepted") == len(c["draft"]) for c in drafts),
+                   int(usage.get("teacher_draft_tokens", 0)), int(usage.get("teacher_tokens", 0)))
 
 
 @dataclass
@@ -41,6 +64,7 @@ class Compared:
     only_reference: int  # right in the reference, wrong here
     p_value: float | None  # None for the reference itself
     adapter: str | None
+    checked: list[Checked] | None = None  # verify runs, on the shared questions
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -74,8 +98,10 @@ def load(spec: str) -> Run:
     if len(adapters) > 1:
         raise ValueError(f"{path_text}: answered by more than one adapter ({len(adapters)}); compare runs, not mixes")
     adapter = records[0].get("adapter")
+    verify = all((r.get("config") or {}).get("policy") == "verify" for r in records)
     return Run(label, {r["qid"]: bool(r["correct"]) for r in records},
-               f"{adapter['name']} ({adapter['sha256'][:12]})" if adapter else None)
+               f"{adapter['name']} ({adapter['sha256'][:12]})" if adapter else None,
+               {r["qid"]: _checked(r) for r in records} if verify else None)
 
 
 def compare(runs: list[Run]) -> list[Compared]:
@@ -90,7 +116,8 @@ def compare(runs: list[Run]) -> list[Compared]:
         only_this = sum(run.correct[q] and not ref[q] for q in shared)
         only_ref = sum(ref[q] and not run.correct[q] for q in shared)
         out.append(Compared(run.label, len(shared), right / len(shared), wilson(right, len(shared)), only_this,
-                            only_ref, None if i == 0 else mcnemar_exact(only_this, only_ref), run.adapter))
+                            only_ref, None if i == 0 else mcnemar_exact(only_this, only_ref), run.adapter,
+                            None if run.checked is None else [run.checked[q] for q in sorted(shared)]))
     return out
 
 
@@ -103,6 +130,16 @@ def markdown(rows: list[Compared]) -> str:
         split = "-" if r.p_value is None else f"{r.only_this} / {r.only_reference}"
         lines.append(f"| {r.label} | {r.n} | {100 * r.accuracy:.1f} % | {100 * r.ci[0]:.1f}-{100 * r.ci[1]:.1f} % "
                      f"| {split} | {p} | {r.adapter or 'none'} |")
+    checked = [r for r in rows if r.checked]
+    if checked:
+        lines += ["", "| verify run | calls per answer | drafts kept whole | teacher tokens read per answer "
+                  "| teacher tokens written per answer |", "|---|---|---|---|---|"]
+        for r in checked:
+            c = r.checked or []
+            drafts = sum(x.drafts for x in c)
+            whole = f"{100 * sum(x.whole for x in c) / drafts:.1f} %" if drafts else "-"
+            lines.append(f"| {r.label} | {sum(x.calls for x in c) / len(c):.2f} | {whole} "
+                         f"| {sum(x.read for x in c) / len(c):.1f} | {sum(x.written for x in c) / len(c):.1f} |")
     return "\n".join(lines)
 
 
