@@ -158,7 +158,7 @@ class LlamaContext:
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-                if self.text.is_eog(tok):
+                if self.text.is_eog(tok) and not params.ignore_eos:
                     finish = "stop"
                     break
                 n += 1

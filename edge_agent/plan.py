@@ -44,6 +44,7 @@ class Plan:
     grammar: str | None = None  # the response format's grammar: the whole answer is one such document
     logprobs: int | None = None  # log-probabilities with this many alternatives per token (None: none)
     echo: bool = False  # the prompt comes first in the answer (completions), scored when ``logprobs`` is set
+    ignore_eos: bool = False  # student mode: the student writes to max_tokens (vLLM's extension)
 
 
 def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngine, settings: EdgeSettings) -> Plan:
@@ -83,6 +84,9 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
         raise GKTError(ErrorCode.overloaded, "the student is busy; try again shortly", retry_after=1.0)
     policy = req.guidance_policy or FixedPolicy()
     top, echo = _logprobs(req), bool(getattr(req, "echo", False))
+    if req.ignore_eos and mode != "student":
+        raise GKTError(ErrorCode.invalid_request, "ignore_eos is available in student mode only: the teacher's "
+                       "end of answer does not reach the edge as such", param="ignore_eos")
     if mode == "teacher" and echo:  # echo scores the prompt with the student
         raise GKTError(ErrorCode.invalid_request, "echo is not available in teacher mode: the teacher's prompt "
                        "log-probabilities do not reach the edge (student and gkt modes have the student's)",
@@ -114,7 +118,7 @@ def make_plan(req: ChatCompletionRequest | CompletionRequest, student: LlamaEngi
         mode=mode, messages=messages, raw_prompt=raw, student_prefix=prefix, student_tokens=tokens,
         special=special, max_tokens=max_tokens, k=k, temperature=req.temperature, top_p=req.top_p,
         seed=req.seed, stop=stop, task=task, guidance=guidance, policy=policy, grammar=fmt.grammar if fmt else None,
-        logprobs=top, echo=echo,
+        logprobs=top, echo=echo, ignore_eos=req.ignore_eos,
     )
 
 

@@ -99,6 +99,8 @@ class _Common(BaseModel):
     modalities: list[str] | None = None
     web_search_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate past the end of the answer, up to "
+                             "max_tokens (student mode only: the teacher's end does not reach the edge as such).")
 
     @field_validator("logit_bias")
     @classmethod

@@ -53,7 +53,7 @@ class StudentSession:
         grammar = GrammarStart(plan.grammar, answer) if plan.grammar is not None else None
         params = GenerationParams(max_tokens=max_tokens, temperature=plan.temperature, top_p=plan.top_p,
                                   seed=plan.seed, stop=plan.stop, logprobs=logprobs, top_logprobs=plan.logprobs,
-                                  grammar_start=grammar)
+                                  grammar_start=grammar, ignore_eos=plan.ignore_eos)
         self.books.student_ran = True
         async with aclosing(self.engine.stream(self.tokens(answer), params, halt)) as gen:
             async for item in gen:

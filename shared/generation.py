@@ -42,6 +42,9 @@ class GenerationParams:
     # ``prompt_logprobs`` most likely tokens (``GenerationResult.prompt_choices``). ``max_tokens`` 0 then scores
     # and generates nothing.
     prompt_logprobs: int | None = None
+    # vLLM's ``ignore_eos``: an end-of-generation token does not end the generation (it is counted, writes no
+    # text), only the budget or a stop sequence does.
+    ignore_eos: bool = False
 
 
 class TokenChoice(NamedTuple):

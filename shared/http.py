@@ -68,6 +68,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _log_refusal(request: Request, err: GKTError) -> None:
+    """A client's error, in the log with the reason its envelope gave (the access line has only the status).
+    The messages name fields and counts, never a key (S3)."""
+    if err.code.status < 500:
+        token = REQUEST_ID.set(request_id(request))
+        try:
+            log.info("refused %s %s: %s %s", request.method, request.url.path, err.code.name, err.message)
+        finally:
+            REQUEST_ID.reset(token)
+
+
 def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError], None] | None = None) -> None:
     """Every error leaves as the OpenAI envelope; internal errors never leak their text.
 
@@ -78,6 +89,7 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError
     async def _gkt(request: Request, exc: GKTError) -> JSONResponse:
         if isinstance(exc, InvalidBody) and on_invalid is not None:
             on_invalid(request, exc)  # a model validator's refusal: the body never reached its route either
+        _log_refusal(request, exc)
         return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
@@ -86,6 +98,7 @@ def install_error_handlers(app: FastAPI, on_invalid: Callable[[Request, GKTError
         err = GKTError(ErrorCode.invalid_request, message, param=param)
         if on_invalid is not None:
             on_invalid(request, err)
+        _log_refusal(request, err)
         return error_response(err, request)
 
     @app.exception_handler(StarletteHTTPException)

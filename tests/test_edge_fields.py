@@ -88,6 +88,7 @@ def test_harmless_fields_are_accepted(edge: str, kind: str, extra: dict[str, Any
     ("chat", {"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ("completion", {"logprobs": 21}, "logprobs"),
     ("completion", {"echo": True, "mode": "teacher"}, "echo"),
+    ("completion", {"ignore_eos": True, "mode": "gkt"}, "ignore_eos"),  # student mode only
     ("completion", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
     ("chat", {"logit_bias": {"x": 1}}, "logit_bias"),
     ("chat", {"frequency_penalty": 3}, "frequency_penalty"),
