@@ -81,6 +81,17 @@ def post(edge: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     return r.json()
 
 
+def streamed(edge: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The JSON chunks of one streamed chat completion."""
+    chunks = []
+    with httpx.stream("POST", edge + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
 def test_echo_scores_the_prompt_as_llama_cpp_does(edge: str, reference: Any) -> None:
     out = post(edge, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 3})
     choice = out["choices"][0]
@@ -135,12 +146,7 @@ def test_chat_logprobs_are_the_students_own(edge: str, reference: Any) -> None:
 def test_gkt_mode_marks_the_guidance_as_given(edge: str) -> None:
     body = {"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 16, "mode": "gkt",
             "guidance_tokens": 4, "logprobs": True, "stream": True}
-    chunks = []
-    with httpx.stream("POST", edge + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunks.append(json.loads(line[6:]))
+    chunks = streamed(edge, body)
     parts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     sources = {c["gkt"]["source"] for c in parts}
     assert "teacher" in sources, "the cloud wrote no guidance"
@@ -163,12 +169,7 @@ def test_policies_that_cut_the_students_text_keep_its_tokens(edge: str, policy: 
     given; a token the cut goes through is listed whole (its text starts in the answer)."""
     body = {"messages": [{"role": "user", "content": "Count from one to twenty in words."}], "max_tokens": 40,
             "mode": "gkt", "guidance_tokens": 2, "guidance_policy": policy, "logprobs": True, "stream": True}
-    chunks = []
-    with httpx.stream("POST", edge + "/v1/chat/completions", json=body, headers=CLIENT_AUTH, timeout=300) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                chunks.append(json.loads(line[6:]))
+    chunks = streamed(edge, body)
     parts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(parts) > 2 and chunks[-1]["gkt"]["guidance_calls"] >= 2  # the policy called the teacher again
     student = teacher = 0
