@@ -88,13 +88,13 @@ async def tokenizer_info(pipeline: PipelineDep) -> dict[str, Any]:
 @router.post("/teacher/tokenize")
 async def teacher_tokenize(body: TokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
     """The teacher's tokens, from the cloud's ``/tokenize``."""
-    return await pipeline.cloud.post("/tokenize", body.model_dump(exclude_unset=True))
+    return await pipeline.cloud.call("/tokenize", body.model_dump(exclude_unset=True))
 
 
 @router.post("/teacher/detokenize")
 async def teacher_detokenize(body: DetokenizeRequest, pipeline: PipelineDep) -> dict[str, Any]:
     """The teacher's text for token ids, from the cloud's ``/detokenize``."""
-    return await pipeline.cloud.post("/detokenize", body.model_dump(exclude_unset=True))
+    return await pipeline.cloud.call("/detokenize", body.model_dump(exclude_unset=True))
 
 
 @router.get("/v1/models")

@@ -95,11 +95,11 @@ class CloudClient:
         """The teacher's vocabulary fingerprint from the cloud's ``/tokenizer_info`` (None when it gives none),
         asked again after ``VOCAB_TTL_S`` (a cloud restarted with another teacher changes it)."""
         if self._teacher_vocab is None or time.monotonic() - self._teacher_vocab[0] > VOCAB_TTL_S:
-            info = await self.post("/tokenizer_info", method="GET")
+            info = await self.call("/tokenizer_info", method="GET")
             self._teacher_vocab = (time.monotonic(), str(info.get("vocab_sha256") or ""))
         return self._teacher_vocab[1] or None
 
-    async def post(self, path: str, body: dict[str, Any] | None = None, *, method: str = "POST") -> dict[str, Any]:
+    async def call(self, path: str, body: dict[str, Any] | None = None, *, method: str = "POST") -> dict[str, Any]:
         """One JSON call to the cloud (``/tokenize``, ``/detokenize``, ``GET /tokenizer_info``): its answer, or
         its refusal as a ``GKTError``. Not retried and not counted by the breaker: nothing of an answer's text
         depends on it."""

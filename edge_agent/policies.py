@@ -97,16 +97,21 @@ Policy = FixedPolicy | AdaptivePolicy | ReguidePolicy | VerifyPolicy
 GuidancePolicy = Annotated[Policy, Field(discriminator="name")]  # as a request field: chosen by ``name``
 
 
-def kept_tokens(pieces: list[tuple[str, int]], chars: int) -> int:
-    """Tokens of a draft's pieces ((text, tokens) in order) that its first ``chars`` characters use; a piece
-    the cut goes through counts (its start is in the answer)."""
-    kept = pos = 0
-    for text, tokens in pieces:
+def pieces_used(texts: list[str], chars: int) -> int:
+    """How many of a draft's pieces (their texts, in order) its first ``chars`` characters use; a piece the cut
+    goes through counts (its start is in the answer)."""
+    used = pos = 0
+    for text in texts:
         if pos >= chars:
             break
-        kept += tokens
+        used += 1
         pos += len(text)
-    return kept
+    return used
+
+
+def kept_tokens(pieces: list[tuple[str, int]], chars: int) -> int:
+    """Tokens of a draft's pieces ((text, tokens) in order) that its first ``chars`` characters use."""
+    return sum(tokens for _, tokens in pieces[: pieces_used([text for text, _ in pieces], chars)])
 
 
 def policy_from(value: Any) -> Any:

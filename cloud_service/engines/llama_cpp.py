@@ -102,7 +102,7 @@ class LlamaTeacher:
         return detokenize(self.vocabulary, request)
 
     async def tokenizer_info(self) -> dict[str, Any]:
-        return await asyncio.to_thread(self.vocabulary.info)  # the fingerprint takes ~0.3 s the first time
+        return await asyncio.to_thread(self.vocabulary.info)  # the fingerprint takes about 1 s the first time
 
     def _grammar(self, request: GuidanceRequest) -> GrammarState | None:
         """The response format's grammar, advanced over the start of the answer a continued message holds."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from edge_agent.accounting import Books
 from edge_agent.answer import Delta, Source
 from edge_agent.guidance import Guidance
-from edge_agent.policies import VerifyPolicy, kept_tokens
+from edge_agent.policies import VerifyPolicy, kept_tokens, pieces_used
 from edge_agent.runners import Finish
 from edge_agent.session import StudentSession
 from shared.generation import GenerationResult, StopMatcher, TokenChoice
@@ -41,18 +41,12 @@ class Draft:
         return "".join(text for text, _ in self.pieces)
 
     def choices_before(self, chars: int) -> list[TokenChoice] | None:
-        """The tokens behind the first ``chars`` characters, as ``kept_tokens`` counts them (a piece the cut goes
-        through is listed whole); None without log-probabilities."""
+        """The tokens behind the first ``chars`` characters, the pieces ``kept_tokens`` counts; None without
+        log-probabilities."""
         if not self.choices or any(c is None for c in self.choices):
             return None
-        out: list[TokenChoice] = []
-        pos = 0
-        for (text, _), choices in zip(self.pieces, self.choices, strict=True):
-            if pos >= chars:
-                break
-            out += choices or []
-            pos += len(text)
-        return out
+        used = self.choices[: pieces_used([text for text, _ in self.pieces], chars)]
+        return [c for choices in used for c in choices or []]
 
     def after(self, written: str) -> Draft | None:
         """This draft without its opening ``written`` (the teacher's token, which the student also wrote), or
