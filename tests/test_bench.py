@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gkt import netlab
 from gkt.bench.report import Line, median, memory_bandwidth_gbs, ratio, render, tokens_per_second, write_json
 from gkt.bench.suite import process_cpu_s
 
@@ -78,8 +79,18 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
                      "cloud work per answer", "end-to-end latency gkt k=4 / teacher-only, 1 user",
                      "end-to-end latency gkt k=4 / teacher-only, 2 user", "time to first token", "handoff gap",
                      "handoff gap on cold prompts, edge core contended / quiet",
+                     "cold prompts, one host: latency gkt k=", "cold prompts, one host, edge core contended",
                      "peak RSS of the edge"):
         assert any(n.startswith(expected) for n in names), expected
+    links = [r for r in data["results"] if r["name"].startswith(("link RTT", "cold prompts, split"))]
+    if netlab.unavailable() is None:  # the links section: two hosts in namespaces, a proxy per RTT
+        for rtt in (0, 20, 50, 100):
+            for way in ("fixed k k=4", "reguide", "verify"):
+                assert any(r["name"].startswith(f"link RTT {rtt} ms: latency {way} / teacher-only") for r in links)
+        assert any(r["name"].startswith("cold prompts, split, RTT 50 ms: latency gkt k=4") for r in links)
+    else:  # said, not measured
+        assert [r["status"] for r in links] == ["N/A"] and "not run" in links[0]["note"]
+        data["results"] = [r for r in data["results"] if r not in links]
     by = {r["name"].split(" (")[0] if r["name"].startswith(("edge overhead", "cloud overhead")) else r["name"]: r
           for r in data["results"]}
     edge = by["edge overhead"]

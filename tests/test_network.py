@@ -1,8 +1,8 @@
 """Network faults for real (N1-N5): the cloud and the edge as separate hosts in network namespaces.
 
-One module-scoped testbed (tests/netns.py): an edge namespace and a cloud namespace joined by a veth pair,
+One module-scoped testbed (gkt/netlab.py): an edge namespace and a cloud namespace joined by a veth pair,
 the real cloud and two real edges (SmolLM2-135M everywhere, one thread each). ``edge`` talks to the cloud
-over the link directly; ``edge_px`` through tests/netproxy.py, a userspace proxy in the edge namespace that
+over the link directly; ``edge_px`` through gkt/netproxy.py, a userspace proxy in the edge namespace that
 adds delay, jitter, resets, clean closes or stalls (``tc netem`` does not exist on this kernel). Bandwidth
 limits are ``tc tbf`` on the link, blackholes and resets ``nftables`` rules on the cloud host.
 
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gkt import netlab as netns
 from shared.words import WORD_ALLOWANCE
-from tests import netns
 from tests.conftest import CLIENT_AUTH, CLOUD_KEYS, EDGE_AUTH, EDGE_KEYS
 
 CLOUD_PORT, EDGE_PORT, EDGE_PX_PORT, PROXY_PORT = 8001, 8002, 8003, 9001
@@ -50,7 +51,7 @@ TIMINGS: dict[str, dict] = {}
 
 @dataclass
 class Bed:
-    net: netns.TestNet
+    net: netns.Hosts
     cloud: netns.NetnsService
     edge: netns.NetnsService
     edge_px: netns.NetnsService
@@ -61,7 +62,7 @@ class Bed:
         """(Re)start the proxy in the edge namespace in front of the cloud; returns its log."""
         self.stop_proxy()
         log = self.logs / f"proxy-{time.monotonic_ns()}.log"
-        argv = ["ip", "netns", "exec", self.net.edge_ns, sys.executable, "-m", "tests.netproxy",
+        argv = ["ip", "netns", "exec", self.net.edge_ns, sys.executable, "-m", "gkt.netproxy",
                 "--listen", f"127.0.0.1:{PROXY_PORT}", "--target", f"{self.net.cloud_addr}:{CLOUD_PORT}", *args]
         self.proxy = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
         wait_until(lambda: "listening" in log.read_text(), 20)
@@ -74,11 +75,21 @@ class Bed:
         self.proxy = None
 
 
+def require() -> None:
+    """Skip, loudly, where namespaces cannot be created."""
+    reason = netns.unavailable()
+    if reason:
+        msg = f"NETWORK-NAMESPACE TESTS (N1-N5) SKIPPED: {reason}"
+        warnings.warn(msg, stacklevel=2)
+        print(f"\n{'*' * 80}\n* {msg}\n{'*' * 80}", file=sys.stderr)
+        pytest.skip(msg)
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    netns.require()
+    require()
     logs = tmp_path_factory.mktemp("netns")
-    net = netns.TestNet().up()
+    net = netns.Hosts().up()
     py = [sys.executable]
     cloud = netns.NetnsService("cloud", net.cloud_ns, [*py, "-m", "cloud_service"], net.cloud_mgmt_addr,
                                CLOUD_PORT, CLOUD_ENV, log_path=logs / "cloud.log")

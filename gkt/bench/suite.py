@@ -25,7 +25,9 @@ import httpx
 from gkt import vllm
 from gkt.bench import direct
 from gkt.bench.client import Stream, cloud_guidance, edge_stream, openai_completion
+from gkt.bench.cold import cold
 from gkt.bench.contention import handoff_under_contention
+from gkt.bench.links import links
 from gkt.bench.report import Line, median, ratio
 from gkt.launcher import Service, cloud_service, edge_service, free_port
 from shared.models import DEFAULT_STUDENT, DEFAULT_TEACHER, resolve
@@ -44,9 +46,10 @@ QUESTIONS = [
 ]
 
 
-# Groups of measurements, in the order they run ("prefix" needs fresh services, so it comes first;
-# "contention" is gkt/bench/contention.py: the handoff gap on cold prompts with the edge's core taken).
-SECTIONS = ("prefix", "overhead", "batching", "answers", "ttft", "handoff", "contention")
+# Groups of measurements, in the order they run ("prefix" needs fresh services, so it comes first). Three have
+# their own modules: "contention" (the handoff gap on cold prompts with the edge's core taken), "cold" (whole
+# answers to cold prompts, quiet and contended) and "links" (edge and cloud on two hosts, a link with an RTT).
+SECTIONS = ("prefix", "overhead", "batching", "answers", "ttft", "handoff", "contention", "cold", "links")
 
 
 @dataclass
@@ -494,6 +497,12 @@ class Bench:
         if "contention" in cfg.sections:
             print("handoff under contention (cold prompts)", flush=True)
             await handoff_under_contention(self)
+        if "cold" in cfg.sections:
+            print("whole answers to cold prompts, one host", flush=True)
+            await cold(self)
+        if "links" in cfg.sections:
+            print("the cloud link: RTTs and a bandwidth cap, two hosts", flush=True)
+            await links(self)
         self.memory()
         await self.http.aclose()
 

@@ -1,12 +1,13 @@
-"""Test hosts in network namespaces (N1-N5): an edge host and a cloud host joined by a veth pair.
+"""Hosts in network namespaces: an edge host and a cloud host joined by a veth pair (the network tests N1-N5,
+the bench's ``links`` section).
 
 Topology (addresses from a per-run /24 in 10.0.0.0/8 so parallel runs do not collide)::
 
-    test process (root ns) --mgmt veth-- edge ns --cloud link veth-- cloud ns --mgmt veth-- test process
+    this process (root ns) --mgmt veth-- edge ns --cloud link veth-- cloud ns --mgmt veth-- this process
 
 The cloud link is the only path between edge and cloud: cutting it, limiting it with ``tc tbf`` or adding
-nftables rules to it affects exactly the edge-cloud traffic, never the test's own access to either host.
-Needs root and ``ip`` (iproute2); ``tc`` and ``nft`` for the tests that shape or filter.
+nftables rules to it affects exactly the edge-cloud traffic, never this process's own access to either host.
+Needs root and ``ip`` (iproute2); ``tc`` to shape the link and ``nft`` to filter it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import warnings
 from pathlib import Path
-
-import pytest
 
 from gkt.launcher import Service
 
@@ -34,7 +32,7 @@ def _run(*argv: str, check: bool = True, stdin: str | None = None) -> subprocess
 def unavailable() -> str | None:
     """Why namespaces cannot be made here, or None when they can (checked by really making one)."""
     if os.geteuid() != 0:
-        return "network-namespace tests need root"
+        return "network namespaces need root"
     missing = [tool for tool in ("ip", "tc", "nft") if shutil.which(tool) is None]
     if missing:
         return f"missing {', '.join(missing)} (`make system-deps` installs iproute2 and nftables)"
@@ -46,19 +44,9 @@ def unavailable() -> str | None:
     return None
 
 
-def require() -> None:
-    """Skip, loudly, where namespaces cannot be created."""
-    reason = unavailable()
-    if reason:
-        msg = f"NETWORK-NAMESPACE TESTS (N1-N5) SKIPPED: {reason}"
-        warnings.warn(msg, stacklevel=2)
-        print(f"\n{'*' * 80}\n* {msg}\n{'*' * 80}", file=sys.stderr)
-        pytest.skip(msg)
-
-
 def sweep() -> None:
     """Remove what an earlier run killed before its cleanup left: namespaces (and the processes in them)
-    named after a test process that no longer exists."""
+    named after a process that no longer exists."""
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         m = re.match(r"gkt(\d+)[ec]\b", line)
         if not m or Path(f"/proc/{m.group(1)}").exists():
@@ -87,10 +75,8 @@ class NetnsService(Service):
         return f"http://{self.host}:{self.port}"
 
 
-class TestNet:
+class Hosts:
     """Two namespaces, ``edge`` and ``cloud``, a cloud link between them and a management link to each."""
-
-    __test__ = False  # not a pytest class
 
     def __init__(self) -> None:
         tag = str(os.getpid())  # interface names stay within 15 characters
@@ -98,11 +84,11 @@ class TestNet:
         self.edge_ns, self.cloud_ns = f"gkt{tag}e", f"gkt{tag}c"
         self.edge_if, self.cloud_if = f"gkt{tag}ce", f"gkt{tag}cc"  # the cloud link's two ends
         self.edge_link_addr, self.cloud_addr = f"{net}.1", f"{net}.2"  # cloud link
-        self.edge_addr, self.cloud_mgmt_addr = f"{net}.6", f"{net}.10"  # what the test process dials
+        self.edge_addr, self.cloud_mgmt_addr = f"{net}.6", f"{net}.10"  # what this process dials
         self._mgmt = [(f"gkt{tag}me", f"gkt{tag}mE", self.edge_ns, f"{net}.5", self.edge_addr),
                       (f"gkt{tag}mc", f"gkt{tag}mC", self.cloud_ns, f"{net}.9", self.cloud_mgmt_addr)]
 
-    def up(self) -> TestNet:
+    def up(self) -> Hosts:
         sweep()
         for ns in (self.edge_ns, self.cloud_ns):
             _run("ip", "netns", "add", ns)
@@ -162,7 +148,7 @@ class TestNet:
     def firewall(self, port: int, verdict: str) -> None:
         """nftables on the cloud host for the cloud link: ``drop`` (blackhole) or ``reject with tcp reset``.
 
-        Only traffic arriving over the cloud link is matched, so the test's management access keeps working.
+        Only traffic arriving over the cloud link is matched, so the management access keeps working.
         """
         out = "drop" if verdict == "drop" else "accept"
         self.nft(self.cloud_ns, f"""

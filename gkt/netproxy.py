@@ -1,4 +1,5 @@
-"""A small userspace TCP proxy that injects delay, jitter, resets, clean closes and stalls (N1, N4).
+"""A small userspace TCP proxy that injects delay, jitter, resets, clean closes and stalls (N1, N4; the bench's
+``links`` section sets a round-trip time with it).
 
 The kernel here has no ``tc netem``, so delay and jitter are made in user space: every chunk read from one
 side is released to the other after ``delay ± jitter`` milliseconds, never before the chunk ahead of it (TCP
@@ -6,9 +7,9 @@ does not reorder). After ``--after-bytes`` bytes from the server, ``--then`` dec
 connection: ``pass`` (keep forwarding), ``reset`` (RST to the client), ``close`` (a clean FIN to the client)
 or ``stall`` (hold the connection open and forward nothing more).
 
-Run it as a process (inside a test host's namespace)::
+Run it as a process (inside a host's namespace)::
 
-    python -m tests.netproxy --listen 127.0.0.1:9001 --target 10.1.2.2:8001 --delay-ms 80 --jitter-ms 40
+    python -m gkt.netproxy --listen 127.0.0.1:9001 --target 10.1.2.2:8001 --delay-ms 80 --jitter-ms 40
 
 It prints ``listening`` once bound and one line per connection when that connection ends.
 """
