@@ -15,7 +15,7 @@ one prompt pass over it instead of a decode step per token (speculative verifica
 One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
 sampler chain (its own temperature, top_p and seed; under its grammar when it asks for structured output: one
 grammar check per token, a masked redraw when the grammar refuses the first), feeds its UTF-8 decoder and stop
-matcher, and emits text to its own asyncio queue. New requests join between steps; a cancelled request (client
+matcher, and emits text to its own asyncio queue (what a token does to its sequence: ``cloud_service/sequence.py``). New requests join between steps; a cancelled request (client
 gone) leaves at the next step without disturbing the others. A finished sequence's KV cache stays in its
 slot, so a later prompt that shares its prefix (few-shot exemplars) is placed in that slot and only the new
 suffix is evaluated.
@@ -26,9 +26,7 @@ endpoint and, later, for metrics.
 
 from __future__ import annotations
 
-import codecs
 import logging
-import random
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -36,27 +34,16 @@ from dataclasses import asdict, dataclass, field
 from time import perf_counter
 from typing import Any
 
+from cloud_service.sequence import Sequence, sampler_chain
 from shared.errors import ErrorCode, GKTError
-from shared.generation import (
-    GenerationParams,
-    GenerationResult,
-    OnResult,
-    Piece,
-    StopMatcher,
-    TokenChoice,
-    common_prefix,
-)
+from shared.generation import GenerationParams, GenerationResult, OnResult, Piece, TokenChoice, common_prefix
 from shared.llama import WorkerStream, model_pointer
 from shared.logprobs import token_choice
 from shared.logs import REQUEST_ID, request_context
-from shared.words import WordEnd
 
 log = logging.getLogger("gkt.scheduler")
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # llama_flash_attn_type
-
-Emit = Callable[[Piece | GenerationResult | BaseException], None]
-
 
 @dataclass
 class EngineStats:
@@ -81,44 +68,6 @@ class EngineStats:
         out = asdict(self)
         out["batch_sizes"] = {str(k): v for k, v in sorted(self.batch_sizes.items())}
         return out
-
-
-@dataclass
-class _Seq:
-    tokens: list[int]
-    params: GenerationParams
-    emit: Emit
-    on_result: OnResult | None
-    cancel: threading.Event
-    t_submit: float
-    request_id: str = "-"  # for the worker thread's log lines
-    slot: int = -1
-    n_past: int = 0  # tokens of this sequence already in its slot's KV cache
-    next_token: int = -1  # sampled, fed at the next step
-    generated: int = 0
-    pending: int = 0  # tokens whose text is held back (partial character or possible stop sequence)
-    cached: int = 0
-    engine_s: float = 0.0
-    t_admit: float = 0.0
-    t_first: float | None = None
-    sampler: Any = None
-    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
-    stops: StopMatcher | None = None
-    word_end: WordEnd | None = None
-    draft: int = 0  # trailing tokens of ``tokens`` that are a draft to verify
-    read: int = 0  # prompt + draft tokens as submitted (``tokens`` is cut back at a rejected draft token)
-    accepted: int = 0  # draft tokens the teacher would have written itself
-    accepted_text: str | None = None  # their text (None: no draft, or not verified yet)
-    choices: list[TokenChoice] = field(default_factory=list)  # top_logprobs of tokens not emitted yet
-
-    @property
-    def base(self) -> int:
-        """Where the draft starts in ``tokens``."""
-        return self.read - self.draft
-
-    @property
-    def generating(self) -> bool:
-        return self.n_past >= len(self.tokens)
 
 
 class BatchScheduler:
@@ -168,8 +117,8 @@ class BatchScheduler:
         self._free: set[int] = set(range(slots))
         self._last_used = [0] * slots  # admission counter: ties go to the least recently used slot
         self._admissions = 0
-        self._active: list[_Seq] = []  # in admission order
-        self._incoming: deque[_Seq] = deque()
+        self._active: list[Sequence] = []  # in admission order
+        self._incoming: deque[Sequence] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self.stats = EngineStats()
@@ -201,7 +150,7 @@ class BatchScheduler:
             if on_result is not None:
                 bridge.call(on_result, result)
 
-        seq = _Seq(tokens=tokens, params=params, emit=bridge.emit, on_result=report, cancel=threading.Event(),
+        seq = Sequence(tokens=tokens, params=params, emit=bridge.emit, on_result=report, cancel=threading.Event(),
                    t_submit=perf_counter(), request_id=REQUEST_ID.get(), draft=draft, read=len(tokens))
         with self._cv:
             if self._closed:
@@ -262,9 +211,9 @@ class BatchScheduler:
         for seq in pending:
             self._fail(seq, GKTError(ErrorCode.engine_error, "the teacher is shutting down"))
 
-    def _admit(self, seq: _Seq) -> None:
+    def _admit(self, seq: Sequence) -> None:
         if seq.cancel.is_set():  # the client left while queued: it never reaches the engine
-            self._report(seq, self._result(seq, "cancelled"))
+            seq.report(seq.result("cancelled"))
             with self._stats_lock:
                 self.stats.cancelled += 1
             return
@@ -281,33 +230,16 @@ class BatchScheduler:
         self._slot_tokens[slot] = seq.tokens[:keep]
         seq.slot, seq.n_past, seq.cached = slot, keep, keep
         seq.t_admit = perf_counter()
-        seq.stops = StopMatcher(seq.params.stop)
-        if seq.params.word_end_after is not None:
-            seq.word_end = WordEnd(seq.params.word_end_after)
-        seq.sampler = self._sampler(seq.params)
+        seq.sampler = sampler_chain(self._lc, seq.params)
         self._active.append(seq)
         with self._stats_lock:
             self.stats.started += 1
             self.stats.cached_prompt_tokens += keep
             self.stats.active = len(self._active)
 
-    def _sampler(self, p: GenerationParams) -> Any:
-        lc = self._lc
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        if p.temperature == 0:
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        else:
-            # OpenAI order: temperature reshapes the distribution, then nucleus, then a seeded draw.
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(p.temperature))
-            if p.top_p < 1.0:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(p.top_p, 1))
-            seed = p.seed if p.seed is not None else random.getrandbits(32)
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
-        return chain
-
     def _step(self) -> None:
         # (sequence, its first batch row, its first position, tokens fed, samples after this step)
-        rows: list[tuple[_Seq, int, int, int, bool]] = []
+        rows: list[tuple[Sequence, int, int, int, bool]] = []
         b = self._batch
         n = 0
 
@@ -372,7 +304,7 @@ class BatchScheduler:
                 st.batch_sizes[sampled] = st.batch_sizes.get(sampled, 0) + 1
                 st.max_batch = max(st.max_batch, sampled)
 
-    def _judge(self, seq: _Seq, row: int, pos0: int, fed: int) -> bool:
+    def _judge(self, seq: Sequence, row: int, pos0: int, fed: int) -> bool:
         """Check the draft tokens this step's logits predict (rows ``row``.. for positions ``pos0``..).
 
         At the first draft token the teacher would not have chosen (greedy), cut the draft there, forget the
@@ -383,7 +315,7 @@ class BatchScheduler:
         n_vocab = self._n_vocab
         for pos in range(max(pos0, seq.base - 1), pos0 + fed):
             if pos + 1 >= seq.read:  # the row after the whole draft: it held
-                self._accept(seq)
+                seq.accept_draft(self._detokenize)
                 return False
             ptr = self._lc.llama_get_logits_ith(self._ctx, row + pos - pos0)
             choice = int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
@@ -394,16 +326,22 @@ class BatchScheduler:
             self._lc.llama_memory_seq_rm(self._mem, seq.slot, pos + 1, -1)
             del self._slot_tokens[seq.slot][pos + 1 :]
             seq.n_past = pos + 1
-            self._accept(seq)
+            seq.accept_draft(self._detokenize)
             self._on_token(seq, choice)
             return True
         return False
 
-    def _accept(self, seq: _Seq) -> None:
-        """The verdict is in: the accepted draft's text goes through this sequence's decoder (a character cut
-        by the verdict is completed by the teacher's next token), and nothing of it is emitted."""
-        accepted = seq.tokens[seq.base : seq.base + seq.accepted]
-        seq.accepted_text = seq.decoder.decode(b"".join(self._detokenize(t) for t in accepted))
+    def _on_token(self, seq: Sequence, tok: int, row: int | None = None) -> None:
+        """The teacher chose ``tok`` for ``seq`` (from batch row ``row``: its logits give log-probabilities)."""
+        if seq.t_first is None:
+            seq.t_first = perf_counter()
+        if self._is_eog(tok):
+            self._finish(seq, "stop")
+            return
+        k = seq.params.top_logprobs
+        choice = self._top(row, tok, k) if k is not None and row is not None else None
+        if finish := seq.token(tok, self._detokenize(tok), choice):
+            self._finish(seq, finish)
 
     def _top(self, row: int, tok: int, k: int) -> TokenChoice:
         """The sampled token's log-probability and the k most likely tokens, from the row's raw logits (the
@@ -413,58 +351,7 @@ class BatchScheduler:
         logits = np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, row), shape=(self._n_vocab,))
         return token_choice(logits, tok, k)
 
-    def _on_token(self, seq: _Seq, tok: int, row: int | None = None) -> None:
-        if seq.t_first is None:
-            seq.t_first = perf_counter()
-        if self._is_eog(tok):
-            self._finish(seq, "stop")
-            return
-        seq.generated += 1
-        raw = seq.decoder.decode(self._detokenize(tok))
-        if seq.word_end is not None and seq.word_end.stop_before(raw):
-            self._finish(seq, "length")  # this token opens the next word: generated, not sent
-            return
-        if seq.params.top_logprobs is not None and row is not None:
-            seq.choices.append(self._top(row, tok, seq.params.top_logprobs))
-        seq.pending += 1
-        assert seq.stops is not None
-        text, hit = seq.stops.feed(raw)
-        if text:
-            seq.emit(Piece(text, seq.pending, choices=self._take_choices(seq)))
-            seq.pending = 0
-        if hit:
-            self._finish(seq, "stop")
-        elif seq.generated >= seq.params.max_tokens:
-            self._finish(seq, "length")
-        else:
-            seq.next_token = tok
-
-    @staticmethod
-    def _take_choices(seq: _Seq) -> list[TokenChoice] | None:
-        if seq.params.top_logprobs is None:
-            return None
-        taken, seq.choices = seq.choices, []
-        return taken
-
-    def _result(self, seq: _Seq, finish: str) -> GenerationResult:
-        t_end = perf_counter()
-        t_admit = seq.t_admit or t_end
-        t_first = seq.t_first or t_end
-        return GenerationResult(
-            finish_reason=finish,  # type: ignore[arg-type]
-            prompt_tokens=seq.base,
-            draft_tokens=seq.draft,
-            draft_accepted_tokens=seq.accepted,
-            draft_accepted_text=seq.accepted_text if seq.draft else None,
-            completion_tokens=seq.generated,
-            queue_s=t_admit - seq.t_submit,
-            prompt_s=t_first - t_admit,
-            generation_s=t_end - t_first,
-            cached_prompt_tokens=seq.cached,
-            engine_s=seq.engine_s,
-        )
-
-    def _release(self, seq: _Seq) -> None:
+    def _release(self, seq: Sequence) -> None:
         if seq.sampler is not None:
             self._lc.llama_sampler_free(seq.sampler)
             seq.sampler = None
@@ -475,35 +362,27 @@ class BatchScheduler:
         with self._stats_lock:
             self.stats.active = len(self._active)
 
-    def _finish(self, seq: _Seq, finish: str) -> None:
-        assert seq.stops is not None
-        if finish == "length" and (tail := seq.stops.flush()):
-            seq.emit(Piece(tail, seq.pending, choices=self._take_choices(seq)))
-        # An incomplete UTF-8 sequence left in the decoder is dropped: it is not a character yet.
+    def _finish(self, seq: Sequence, finish: str) -> None:
+        seq.flush(finish)
         self._release(seq)
         with self._stats_lock:
             if finish == "cancelled":
                 self.stats.cancelled += 1
             else:
                 self.stats.finished += 1
-        result = self._result(seq, finish)
+        result = seq.result(finish)
         # Ledger first: both go through the loop in order, so the accounting is done before the client
         # can see the end of its answer (and ask for its usage).
-        self._report(seq, result)
+        seq.report(result)
         seq.emit(result)
 
-    def _fail(self, seq: _Seq, exc: BaseException) -> None:
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if seq.slot >= 0:  # the cache of a failed step is unknown: forget it
             self._lc.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
             self._slot_tokens[seq.slot] = []
         self._release(seq)
         with self._stats_lock:
             self.stats.failed += 1
-        self._report(seq, self._result(seq, "cancelled"))
+        seq.report(seq.result("cancelled"))
         seq.emit(exc)
-
-    @staticmethod
-    def _report(seq: _Seq, result: GenerationResult) -> None:
-        if seq.on_result is not None:
-            seq.on_result(result)
 
