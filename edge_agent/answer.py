@@ -66,6 +66,7 @@ class GuidanceCall(BaseModel):
     draft: str | None = None  # verify: the student's draft the teacher checked
     draft_accepted: int | None = None  # verify: characters of the draft the teacher kept (before ``offset``)
     draft_teacher_tokens: int = 0  # verify: the draft in the teacher's tokens (input it read)
+    draft_student_tokens: int = 0  # verify: the student tokens behind the draft (its length, as drafted)
     text: str = ""  # the guidance kept in the answer (cut at a safe boundary)
     max_tokens: int = 0  # teacher tokens asked for
     teacher_tokens: int = 0  # teacher tokens received

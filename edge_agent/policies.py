@@ -11,7 +11,8 @@ parameters) and decides two things, from signals the edge sees anyway:
   of each token it samples) and, when it stays low for ``span`` tokens, or drops at a decision point (a
   number, an operator, the final answer line), stops the student, takes back what it wrote of the unsure
   span, and asks the teacher for the next ``tokens`` tokens of the answer so far; then the student goes on;
-* or, under ``verify``, **who checks whom**: the student drafts ``draft_tokens`` tokens at a time and the
+* or, under ``verify``, **who checks whom**: the student drafts ``draft_tokens`` tokens at a time (``auto``:
+  a length per draft, ``edge_agent/draft_length.py``) and the
   teacher reads each draft (one prompt pass over it, no decoding), keeps it up to the first token it would not
   have chosen itself (greedy), and writes ``tokens`` of its own from there. The answer is the teacher's own
   greedy answer (the same text, up to tokenizer seams), while the teacher writes only the tokens where the
@@ -85,7 +86,13 @@ class VerifyPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal["verify"] = "verify"
-    draft_tokens: int = Field(8, ge=1, le=256, description="Student tokens per draft the teacher checks.")
+    draft_tokens: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        "auto", description="Student tokens per draft the teacher checks: a number, or auto (each draft the length "
+                            "that keeps the most answer per second, from the answer's running acceptance and timings)")
+    max_draft_tokens: int = Field(32, ge=1, le=256, description="auto: the longest draft.")
+    ahead_min: float = Field(0.5, ge=0.0, le=1.0,
+                             description="auto: draft the next draft during a check only when this one is at least "
+                                         "this likely to be kept whole (else the work is mostly thrown away).")
     tokens: int = Field(1, ge=1, le=256, description="Teacher tokens written where a draft goes wrong.")
     max_calls: int = Field(256, ge=0, le=4096,
                            description="Verification calls per answer; then the student finishes alone.")

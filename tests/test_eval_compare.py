@@ -71,12 +71,14 @@ def test_verify_runs_show_their_drafts(tmp_path: Path) -> None:
     path = tmp_path / "verify.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for qid, accepted in (("q1", [4, 4, 2]), ("q2", [4])):  # drafts of 4 characters; 3 of 4 kept whole
-            calls = [{"kind": "verify", "draft": "abcd", "draft_accepted": a} for a in accepted]
+            calls = [{"kind": "verify", "draft": "abcd", "draft_accepted": a, "draft_student_tokens": 2}
+                     for a in accepted]
             f.write(json.dumps({"key": RunConfig(**config).key, "qid": qid, "correct": True, "config": config,
-                                "calls": calls, "usage": {"teacher_draft_tokens": 10 * len(calls),
-                                                          "teacher_tokens": len(calls)}}) + "\n")
+                                "calls": calls, "wall_s": 5.0 * len(calls),
+                                "usage": {"teacher_draft_tokens": 10 * len(calls), "teacher_tokens": len(calls),
+                                          "student_discarded_tokens": 3 * len(calls)}}) + "\n")
     base = write(tmp_path / "base.jsonl", {"q1": False, "q2": True})
     rows = compare([load(f"base={base}"), load(f"verify={path}")])
     assert rows[0].checked is None and rows[1].checked is not None
     table = markdown(rows)
-    assert "| verify | 2.00 | 75.0 % | 20.0 | 2.0 |" in table, table
+    assert "| verify | 2.00 | 75.0 % | 20.0 | 2.0 | 6.0 | 10.0 | 2.0 |" in table, table

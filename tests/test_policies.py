@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from edge_agent.draft_length import DraftLength, best_length, kept_per_round, round_s
 from edge_agent.policies import (
     AdaptivePolicy,
     FixedPolicy,
@@ -190,8 +191,11 @@ def test_a_round_the_student_ends_itself_releases_everything() -> None:
 
 def test_verify_defaults_and_bounds() -> None:
     p = TypeAdapter(GuidancePolicy).validate_python(policy_from("verify"))
-    assert isinstance(p, VerifyPolicy) and (p.draft_tokens, p.tokens, p.max_calls) == (8, 1, 256)
-    for bad in ({"draft_tokens": 0}, {"tokens": 0}, {"max_wait_s": 0}, {"k": 3}):
+    assert isinstance(p, VerifyPolicy) and (p.draft_tokens, p.tokens, p.max_calls) == ("auto", 1, 256)
+    assert (p.max_draft_tokens, p.ahead_min) == (32, 0.5)
+    assert TypeAdapter(GuidancePolicy).validate_python({"name": "verify", "draft_tokens": 6}).draft_tokens == 6
+    for bad in ({"draft_tokens": 0}, {"draft_tokens": 257}, {"draft_tokens": "long"}, {"max_draft_tokens": 0},
+                {"ahead_min": 1.5}, {"tokens": 0}, {"max_wait_s": 0}, {"k": 3}):
         with pytest.raises(ValidationError):
             TypeAdapter(GuidancePolicy).validate_python({"name": "verify", **bad})
 
@@ -215,3 +219,57 @@ def test_a_draft_written_ahead_is_used_only_where_the_teacher_s_token_opens_it()
     assert ahead.after(" 1") is None  # the teacher's token ends inside a piece: the draft is dropped
     assert ahead.after(" 14") is None and ahead.after(" 12, 13, 14") is None
     assert ahead.after(" 12, 13").text == ""  # type: ignore[union-attr]
+
+
+# --- verify's draft lengths (edge_agent/draft_length.py) ------------------------------------------------
+
+
+def test_expected_tokens_per_check_follow_the_geometric_sum() -> None:
+    assert kept_per_round(0.0, 8) == 1.0  # nothing kept: only the teacher's token
+    assert kept_per_round(1.0, 8) == 9.0  # all kept, and the teacher's token
+    assert kept_per_round(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_round_time_counts_only_the_drafting_a_check_does_not_hide() -> None:
+    # Drafting ahead: a draft kept whole (a = 1) had its successor written during the check.
+    assert round_s(1.0, 4, 1.0, 0.0, 0.1) == pytest.approx(1.0)  # 0.4 s of drafting inside a 1 s check
+    assert round_s(1.0, 20, 1.0, 0.0, 0.1) == pytest.approx(2.0)  # 2 s of drafting: 1 s outlasts the check
+    assert round_s(0.0, 4, 1.0, 0.0, 0.1) == pytest.approx(1.4)  # always cut: the next draft starts after
+    assert round_s(1.0, 4, 1.0, 0.0, 0.1, ahead=False) == pytest.approx(1.4)
+    assert round_s(0.0, 4, 1.0, 0.05, 0.1) == pytest.approx(1.6)  # the teacher's pass grows with the draft
+
+
+def test_the_best_length_grows_with_acceptance_and_with_the_round_trip() -> None:
+    by_a = [best_length(a, 0.5, 0.01, 0.04, 32) for a in (0.6, 0.8, 0.9, 0.97)]
+    assert by_a == sorted(by_a) and by_a[0] < by_a[-1]
+    by_rtt = [best_length(0.9, c, 0.01, 0.04, 32) for c in (0.05, 0.3, 1.0, 3.0)]
+    assert by_rtt == sorted(by_rtt) and by_rtt[0] < by_rtt[-1]
+    assert best_length(0.999, 10.0, 0.0, 0.01, 12) == 12  # bounded by the most
+    assert best_length(0.0, 1.0, 0.0, 0.01, 12) == 1  # a student never kept: the shortest
+
+
+def test_draft_length_starts_from_first_then_follows_the_answer_s_own_checks() -> None:
+    d = DraftLength(first=8, most=32, ahead_min=0.5)
+    assert d.next() == 8 and d.acceptance == pytest.approx(0.9)
+    d.observe_draft(8, 0.32)  # 40 ms per student token
+    assert d.next() == 8  # no check timed yet
+    for _ in range(6):  # a student the teacher keeps whole, on a slow link: longer drafts
+        d.observe_check(8, 8, True, 1.0)
+    assert d.acceptance > 0.95 and d.next() > 8
+    bad = DraftLength(first=8, most=32)
+    bad.observe_draft(8, 0.32)
+    for _ in range(6):  # cut after one token every time: short drafts
+        bad.observe_check(8, 1, False, 0.3)
+    assert bad.acceptance < 0.7 and bad.next() < 8
+    assert not bad.draft_ahead(8) and d.draft_ahead(1)  # writing ahead only where it is likely to be used
+
+
+def test_check_cost_is_fitted_per_token_once_draft_lengths_differ() -> None:
+    d = DraftLength()
+    assert d.check_cost() is None
+    d.observe_check(8, 8, True, 0.5)
+    assert d.check_cost() == (0.5, 0.0)  # one length: all of it per check
+    for g in (4, 12, 16):
+        d.observe_check(g, g, True, 0.3 + 0.025 * g)
+    base, per_token = d.check_cost()  # type: ignore[misc]
+    assert base == pytest.approx(0.3) and per_token == pytest.approx(0.025)

@@ -94,8 +94,9 @@ def test_drafts_share_the_batch_with_plain_guidance(cloud: Service) -> None:
     assert plain["text"] == "".join(pieces) and plain["draft_accepted"] is None
 
 
+@pytest.mark.parametrize("lengths", [{"draft_tokens": 6}, {"max_draft_tokens": 12}], ids=["fixed", "auto"])
 def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corrections(
-        edge_smol: Service, cloud: Service) -> None:
+        edge_smol: Service, cloud: Service, lengths: dict) -> None:
     body = {"messages": COUNT, "max_tokens": 64, "temperature": 0}
     alone = httpx.post(edge_smol.url + "/v1/chat/completions", headers=CLIENT_AUTH, timeout=TIMEOUT,
                        json={**body, "mode": "teacher"})
@@ -104,7 +105,7 @@ def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corre
 
     before_usage = cloud_usage(cloud)
     before_calls = metric(edge_smol, "gkt_edge_guidance_calls_total", '{kind="verify"}')
-    policy = {"name": "verify", "draft_tokens": 6, "max_wait_s": 600.0}
+    policy = {"name": "verify", **lengths, "max_wait_s": 600.0}
     deltas, gkt = stream_answer(edge_smol, {**body, "guidance_policy": policy})
     text = "".join(t for t, _ in deltas)
     calls, u = gkt["calls"], gkt["usage"]
@@ -119,6 +120,15 @@ def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corre
     assert u["student_tokens"] > u["teacher_tokens"] > 0
     assert u["teacher_draft_tokens"] == sum(c["draft_teacher_tokens"] for c in calls) > u["teacher_tokens"]
     assert u["student_discarded_tokens"] >= 0
+    # Each draft as long as the policy says: fixed, or (auto) 8 until a check was timed, then the answer's own
+    # best length within max_draft_tokens. Any length leaves the answer the teacher's.
+    drafted = [c["draft_student_tokens"] for c in calls]
+    assert gkt["policy"]["draft_tokens"] == lengths.get("draft_tokens", "auto")
+    # (A draft written ahead loses its first token, the teacher's, when it is used: 6 then 5.)
+    if "draft_tokens" in lengths:
+        assert all(1 <= n <= 6 for n in drafted), drafted
+    else:  # counting: a student the teacher keeps, so the drafts grow past the first 8
+        assert drafted[0] <= 8 and all(1 <= n <= 12 for n in drafted) and max(drafted) > 8, drafted
     # Each call's teacher text sits where it says, right after the part of the draft the teacher kept.
     for c in calls:
         assert text[c["offset"] - c["draft_accepted"]: c["offset"]] == c["draft"][: c["draft_accepted"]]

@@ -1,24 +1,27 @@
-"""The ``verify`` policy: the student drafts, the teacher keeps each draft up to its first wrong token and writes
-from there, until the answer ends. The user sees each draft's kept part (``student``) and the teacher's tokens.
+"""The ``verify`` policy: the student drafts, the teacher keeps each draft up to its first wrong token and writes from
+there, until the answer ends. The user sees each draft's kept part (``student``) and the teacher's tokens.
 
-The student runs one draft ahead: while the teacher checks a draft, the student writes the next one as if the
-check will keep it whole; that draft is used when it was (and the teacher's token after it is where the new
-draft starts), dropped otherwise. Stop sequences are matched over the whole answer here (a stop may span
-student and teacher text). A student that stops after a draft the teacher kept whole ends the answer; a
-failed call leaves the student to finish alone (the draft stands): ``fallback`` if no call had succeeded,
-else ``partial``.
+The student runs one draft ahead: while the teacher checks a draft, the student writes the next one as if the check
+will keep it whole; that draft is used when it was (and the teacher's token after it is where the new draft
+starts), dropped otherwise. With ``draft_tokens: auto`` each draft's length, and whether to write ahead at all,
+come from ``edge_agent/draft_length.py`` (the answer's running acceptance and timings). Stop sequences are matched
+over the whole answer here (a stop may span student and teacher text). A student that stops after a draft the
+teacher kept whole ends the answer; a failed call leaves the student to finish alone (the draft stands):
+``fallback`` if no call had succeeded, else ``partial``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from edge_agent.accounting import Books
 from edge_agent.answer import Delta, Source
+from edge_agent.draft_length import DraftLength
 from edge_agent.guidance import Guidance
 from edge_agent.policies import VerifyPolicy, kept_tokens, pieces_used
 from edge_agent.runners import Finish
@@ -73,9 +76,20 @@ class VerifyRunner:
     _answer: str = field(default="", init=False)  # all text so far, a stop sequence's possible start included
     _guard: StopMatcher = field(init=False)
     _held: list[TokenChoice] = field(default_factory=list, init=False)  # tokens of student text the guard holds
+    _lengths: DraftLength | None = field(default=None, init=False)  # draft_tokens auto: the lengths' decider
 
     def __post_init__(self) -> None:
         self._guard = StopMatcher(self.session.plan.stop)
+        if self.policy.draft_tokens == "auto":
+            self._lengths = DraftLength(most=self.policy.max_draft_tokens, ahead_min=self.policy.ahead_min)
+
+    def _length(self) -> int:
+        """The next draft's length: fixed, or what the answer's measurements say keeps the most per second."""
+        return self._lengths.next() if self._lengths is not None else self.policy.draft_tokens  # type: ignore[return-value]
+
+    def _ahead(self, draft: Draft) -> bool:
+        """Whether to write the next draft while ``draft`` is checked."""
+        return self._lengths is None or self._lengths.draft_ahead(draft.generated)
 
     def _show(self, text: str, source: Source, choices: list[TokenChoice] | None = None) -> tuple[Delta | None, bool]:
         """``text`` joins the answer; the part no stop sequence may still claim goes out, and whether one hit.
@@ -101,11 +115,12 @@ class VerifyRunner:
                 if left <= 0:
                     self.finish = "length"
                     break
-                draft = await self._draft(answer, min(policy.draft_tokens, left))
+                draft = await self._draft(answer, min(self._length(), left))
             if draft.stopped and not draft.text:
                 self.finish = "stop"  # the student ends the answer where the teacher's last check left it
                 return
-            call = self.guidance.call("verify", policy.tokens, offset=len(answer), draft=draft.text)
+            call = self.guidance.call("verify", policy.tokens, offset=len(answer), draft=draft.text,
+                                      draft_student_tokens=draft.generated)
             calls += 1
             request = self.guidance.continuation(answer, policy.tokens).model_copy(
                 update={"draft": draft.text, "whole_words": False})
@@ -113,8 +128,8 @@ class VerifyRunner:
             halt = threading.Event()
             nxt: asyncio.Future[Draft] | None = None
             left = room(answer + draft.text)
-            if not draft.stopped and left > 0 and calls < policy.max_calls:
-                nxt = asyncio.ensure_future(self._draft(answer + draft.text, min(policy.draft_tokens, left), halt))
+            if not draft.stopped and left > 0 and calls < policy.max_calls and self._ahead(draft):
+                nxt = asyncio.ensure_future(self._draft(answer + draft.text, min(self._length(), left), halt))
             try:
                 written = await check
                 if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
@@ -134,17 +149,20 @@ class VerifyRunner:
                     break
                 accepted = min(call.draft_accepted or 0, len(draft.text))
                 whole = accepted == len(draft.text)
+                kept = kept_tokens(draft.pieces, accepted)
+                if self._lengths is not None:
+                    self._lengths.observe_check(draft.generated, kept, whole, call.s)
                 if nxt is not None:
                     if not whole:
                         halt.set()  # the student wrote on from text the teacher did not keep
                     ahead = (await nxt).after(written) if whole else None
-                self.books.kept(kept_tokens(draft.pieces, accepted))
+                self.books.kept(kept)
                 call.offset, call.text = len(answer) + accepted, written
                 hit = False
-                kept = draft.choices_before(accepted)
+                choices = draft.choices_before(accepted)
                 for text, source in ((draft.text[:accepted], "student"), (written, "teacher")):
                     if text and not hit:
-                        delta, hit = self._show(text, source, kept)  # type: ignore[arg-type]
+                        delta, hit = self._show(text, source, choices)  # type: ignore[arg-type]
                         if delta is not None:
                             yield delta
                 if hit or call.finish == "stop" or (draft.stopped and whole):
@@ -197,6 +215,7 @@ class VerifyRunner:
     async def _draft(self, answer: str, n: int, halt: threading.Event | None = None) -> Draft:
         """Up to ``n`` student tokens after ``answer`` (``halt`` ends it early: the tokens so far stand)."""
         draft = Draft()
+        t0 = time.perf_counter()
         async with aclosing(self.session.stream(answer, n, halt=halt)) as gen:
             async for item in gen:
                 if isinstance(item, GenerationResult):
@@ -205,4 +224,6 @@ class VerifyRunner:
                 else:
                     draft.pieces.append((item.text, item.tokens))
                     draft.choices.append(item.choices)
+        if self._lengths is not None:
+            self._lengths.observe_draft(draft.generated, time.perf_counter() - t0)
         return draft

@@ -10,7 +10,8 @@ McNemar p-value of that split (the binomial test on the discordant pairs), the t
 same items.
 
 Runs of the ``verify`` policy also get the drafts' side, on the same questions: guidance calls per answer,
-the share of drafts the teacher kept whole, and the teacher's tokens per answer (drafts read, tokens written).
+the share of drafts the teacher kept whole, the teacher's tokens per answer (drafts read, tokens written), the
+student's tokens thrown away per answer, the seconds per answer and the student tokens per draft.
 """
 
 from __future__ import annotations
@@ -29,13 +30,17 @@ from gkt.eval.stats import wilson
 
 @dataclass
 class Checked:
-    """One verify answer's drafts: calls, drafts checked and kept whole, teacher tokens read and written."""
+    """One verify answer's drafts: calls, drafts checked and kept whole, teacher tokens read and written,
+    student tokens thrown away (cut drafts' tails, drafts written ahead and dropped) and its wall time."""
 
     calls: int
     drafts: int
     whole: int
     read: int
     written: int
+    discarded: int = 0
+    wall_s: float = 0.0
+    drafted: int = 0  # student tokens drafted (0: records from before the edge counted them)
 
 
 @dataclass
@@ -51,7 +56,9 @@ def _checked(record: dict[str, Any]) -> Checked:
     usage = record.get("usage") or {}
     return Checked(len(record.get("calls") or []), len(drafts),
                    sum(c.get("draft_accepted") == len(c["draft"]) for c in drafts),
-                   int(usage.get("teacher_draft_tokens", 0)), int(usage.get("teacher_tokens", 0)))
+                   int(usage.get("teacher_draft_tokens", 0)), int(usage.get("teacher_tokens", 0)),
+                   int(usage.get("student_discarded_tokens", 0)), float(record.get("wall_s") or 0.0),
+                   sum(int(c.get("draft_student_tokens") or 0) for c in drafts))
 
 
 @dataclass
@@ -98,7 +105,7 @@ def load(spec: str) -> Run:
     if len(adapters) > 1:
         raise ValueError(f"{path_text}: answered by more than one adapter ({len(adapters)}); compare runs, not mixes")
     adapter = records[0].get("adapter")
-    verify = all((r.get("config") or {}).get("policy") == "verify" for r in records)
+    verify = all(((r.get("config") or {}).get("policy") or "").split(":")[0] == "verify" for r in records)
     return Run(label, {r["qid"]: bool(r["correct"]) for r in records},
                f"{adapter['name']} ({adapter['sha256'][:12]})" if adapter else None,
                {r["qid"]: _checked(r) for r in records} if verify else None)
@@ -133,13 +140,18 @@ def markdown(rows: list[Compared]) -> str:
     checked = [r for r in rows if r.checked]
     if checked:
         lines += ["", "| verify run | calls per answer | drafts kept whole | teacher tokens read per answer "
-                  "| teacher tokens written per answer |", "|---|---|---|---|---|"]
+                  "| teacher tokens written per answer | student tokens discarded per answer | seconds per answer "
+                  "| student tokens per draft |", "|---|---|---|---|---|---|---|---|"]
         for r in checked:
             c = r.checked or []
             drafts = sum(x.drafts for x in c)
             whole = f"{100 * sum(x.whole for x in c) / drafts:.1f} %" if drafts else "-"
+            drafted = sum(x.drafted for x in c)
+            per_draft = f"{drafted / drafts:.1f}" if drafts and drafted else "-"
             lines.append(f"| {r.label} | {sum(x.calls for x in c) / len(c):.2f} | {whole} "
-                         f"| {sum(x.read for x in c) / len(c):.1f} | {sum(x.written for x in c) / len(c):.1f} |")
+                         f"| {sum(x.read for x in c) / len(c):.1f} | {sum(x.written for x in c) / len(c):.1f} "
+                         f"| {sum(x.discarded for x in c) / len(c):.1f} | {sum(x.wall_s for x in c) / len(c):.1f} "
+                         f"| {per_draft} |")
     return "\n".join(lines)
 
 

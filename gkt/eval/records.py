@@ -28,6 +28,8 @@ def model_label(name_or_path: str) -> str:
 
 # The first guidance of a ``reguide`` config whose spec names no k (the edge API's own default is 40).
 REGUIDE_K = 20
+# Policy parameters that are words, not numbers (``verify:draft_tokens=auto``).
+WORD_VALUES = frozenset({"auto"})
 
 
 def parse_policy(spec: str) -> tuple[str, int | None]:
@@ -41,19 +43,22 @@ def parse_policy(spec: str) -> tuple[str, int | None]:
     from edge_agent.policies import GuidancePolicy
 
     name, *parts = spec.strip().split(":")
-    params: dict[str, int | float] = {}
+    params: dict[str, int | float | str] = {}
     k: int | None = None
     for part in parts:
         key, eq, raw = part.partition("=")
         if not eq or not key:
             raise ValueError(f"policy parameters are NAME=VALUE, got {part!r} in {spec!r}")
         try:
-            value: int | float = int(raw)
+            value: int | float | str = int(raw)
         except ValueError:
             try:
                 value = float(raw)
             except ValueError:
-                raise ValueError(f"policy parameter {key} must be a number, got {raw!r}") from None
+                if raw not in WORD_VALUES:
+                    raise ValueError(f"policy parameter {key} must be a number or one of {sorted(WORD_VALUES)}, "
+                                     f"got {raw!r}") from None
+                value = raw
         if key == "k":
             k = int(value)
         else:
@@ -68,6 +73,10 @@ def parse_policy(spec: str) -> tuple[str, int | None]:
         raise ValueError("adaptive takes no k: give min_tokens and max_tokens")
     if name == "verify" and k is not None:
         raise ValueError("verify takes no k: the student drafts from the start (give draft_tokens)")
+    if name == "verify":
+        # Written out: a bare "verify" meant drafts of 8 before draft_tokens became "auto" by default, and the
+        # results files of those runs keep their key ("policy=verify|...").
+        params.setdefault("draft_tokens", "auto")
     if name == "reguide" and k is None:
         k = REGUIDE_K
     if k is not None and k < 1:
@@ -81,7 +90,7 @@ def policy_body(spec: str) -> dict[str, Any]:
     body: dict[str, Any] = {"name": name}
     for part in parts:
         key, _, raw = part.partition("=")
-        body[key] = float(raw) if any(c in raw for c in ".eE") else int(raw)
+        body[key] = raw if raw in WORD_VALUES else float(raw) if any(c in raw for c in ".eE") else int(raw)
     return body
 
 
