@@ -4,8 +4,8 @@ A longer draft needs fewer checks (round trips, teacher passes) when the student
 away when it is not. With a per-token acceptance rate ``a`` (the chance the teacher keeps the next student
 token, given it kept the ones before), a draft of ``g`` tokens adds ``1 + a + ... + a^g`` tokens to the answer
 on average (its kept prefix, then the teacher's own token): Leviathan et al., *Fast Inference from Transformers
-via Speculative Decoding* (ICML 2023), section 3, whose choice of ``g`` from ``a`` and the cost ratio (their
-section 3.5) this makes online. As in SpecDec++ (Huang et al., 2024) and DISCO (Mamou et al., 2024) the length
+via Speculative Decoding* (ICML 2023), whose choice of ``g`` from ``a`` and the two models' cost ratio this
+makes online. As in SpecDec++ (Huang et al., 2024) and DISCO (Mamou et al., 2024) the length
 changes during one answer; they predict acceptance per token with a trained head or classifier, this uses the
 answer's own running rate (a Beta prior updated after every check), which needs no training and no change to
 the student.
