@@ -92,12 +92,15 @@ class DraftLength:
         self.token_s = s if self.token_s is None else (1 - EWMA) * self.token_s + EWMA * s
 
     def check_cost(self) -> tuple[float, float] | None:
-        """(seconds per check, seconds per draft token of a check), fitted on this answer's checks: least
-        squares once their lengths differ, else all of it per check. The recent checks weigh the most (the
-        machine's and the link's speed drift)."""
+        """(seconds per check, seconds per draft token of a check), fitted on this answer's last 8 checks (the
+        machine's and the link's speed drift): least squares once their lengths differ, else all of it per check.
+        On a CPU teacher a check's pass costs about a decode step per draft token, so the slope is real and keeps
+        drafts short there; on a GPU it is near zero."""
         if not self.checks:
             return None
-        recent = self.checks[-8:]
+        # The answer's first check also read the prompt's own new tokens (the question after a shared prefix):
+        # it times more than a check, so it counts only until there is another.
+        recent = (self.checks[1:] or self.checks)[-8:]
         n = len(recent)
         mg = sum(g for g, _ in recent) / n
         ms = sum(s for _, s in recent) / n

@@ -267,6 +267,8 @@ def test_draft_length_starts_from_first_then_follows_the_answer_s_own_checks() -
 def test_check_cost_is_fitted_per_token_once_draft_lengths_differ() -> None:
     d = DraftLength()
     assert d.check_cost() is None
+    d.observe_check(8, 8, True, 5.0)  # the first check also read the question: not fitted once others exist
+    assert d.check_cost() == (5.0, 0.0)
     d.observe_check(8, 8, True, 0.5)
     assert d.check_cost() == (0.5, 0.0)  # one length: all of it per check
     for g in (4, 12, 16):

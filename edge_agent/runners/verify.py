@@ -129,7 +129,8 @@ class VerifyRunner:
             nxt: asyncio.Future[Draft] | None = None
             left = room(answer + draft.text)
             if not draft.stopped and left > 0 and calls < policy.max_calls and self._ahead(draft):
-                nxt = asyncio.ensure_future(self._draft(answer + draft.text, min(self._length(), left), halt))
+                # One token more: its first is the teacher's next token, which the kept draft will not include.
+                nxt = asyncio.ensure_future(self._draft(answer + draft.text, min(self._length() + 1, left), halt))
             try:
                 written = await check
                 if call.finish not in ("length", "stop"):  # the cloud failed: the draft stands, the student goes on
@@ -156,6 +157,8 @@ class VerifyRunner:
                     if not whole:
                         halt.set()  # the student wrote on from text the teacher did not keep
                     ahead = (await nxt).after(written) if whole else None
+                    if ahead is not None and not ahead.text and not ahead.stopped:
+                        ahead = None  # nothing after the teacher's token (a one-token draft): draft anew, never empty
                 self.books.kept(kept)
                 call.offset, call.text = len(answer) + accepted, written
                 hit = False
