@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gkt import netlab
+from gkt.bench.overhead import process_cpu_s
 from gkt.bench.report import Line, median, memory_bandwidth_gbs, ratio, render, tokens_per_second, write_json
-from gkt.bench.suite import process_cpu_s
 
 
 def test_ratio_and_median() -> None:

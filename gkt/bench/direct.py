@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -10,6 +13,20 @@ from typing import Any
 import numpy as np
 
 from gkt.bench.report import tokens_per_second
+
+
+@contextmanager
+def pinned(core: int | None) -> Iterator[None]:
+    """Run this thread on one core (llama.cpp with one thread computes on the calling thread)."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def load(path: str | Path, *, n_ctx: int, n_threads: int, n_batch: int = 512) -> Any:
