@@ -7,21 +7,21 @@ One worker thread owns a llama.cpp context with ``slots`` sequences, each with i
 * chunks of the prompts of newly admitted sequences in the room left up to ``n_batch`` (chunked prefill, so a
   long prompt never stalls the others for more than one step).
 
-A sequence may end its prompt with a *draft* (tokens another model wrote): those positions get logits too, and
-the teacher keeps the draft up to the first token it would not have chosen itself (greedy), drops the rest
-from its cache, and generates from there: the token it chose instead is its first. Accepting a draft costs
-one prompt pass over it instead of a decode step per token (speculative verification, over text).
+A sequence may end its prompt with a *draft* (tokens another model wrote): those positions get logits too, and the
+teacher keeps the draft up to the first token it would not have chosen itself (greedy), drops the rest from its
+cache, and generates from there: the token it chose instead is its first. Accepting a draft costs one prompt pass
+over it instead of a decode step per token (speculative verification, over text).
 
-One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own
-sampler chain (its own temperature, top_p and seed; under its grammar when it asks for structured output: one
-grammar check per token, a masked redraw when the grammar refuses the first), feeds its UTF-8 decoder and stop
-matcher, and emits text to its own asyncio queue (what a token does to its sequence: ``cloud_service/sequence.py``). New requests join between steps; a cancelled request (client
-gone) leaves at the next step without disturbing the others. A finished sequence's KV cache stays in its
-slot, so a later prompt that shares its prefix (few-shot exemplars) is placed in that slot and only the new
-suffix is evaluated.
+One ``llama_decode`` evaluates the whole batch; each sequence then samples from its own row with its own sampler
+chain (its own temperature, top_p and seed; under its grammar when it asks for structured output: one grammar check
+per token, a masked redraw when the grammar refuses the first), feeds its UTF-8 decoder and stop matcher, and emits
+text to its own asyncio queue (what a token does to its sequence: ``cloud_service/sequence.py``). New requests join
+between steps; a cancelled request (client gone) leaves at the next step without disturbing the others. A finished
+sequence's KV cache stays in its slot, so a later prompt that shares its prefix (few-shot exemplars) is placed in
+that slot and only the new suffix is evaluated.
 
-The counters in ``EngineStats`` (steps, batch-size histogram, tokens) are plain numbers for the stats
-endpoint and, later, for metrics.
+The counters in ``EngineStats`` (steps, batch-size histogram, tokens) are plain numbers for the stats endpoint and,
+later, for metrics.
 """
 
 from __future__ import annotations

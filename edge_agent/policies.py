@@ -87,8 +87,8 @@ class VerifyPolicy(BaseModel):
 
     name: Literal["verify"] = "verify"
     draft_tokens: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
-        "auto", description="Student tokens per draft the teacher checks: a number, or auto (each draft the length "
-                            "that keeps the most answer per second, from the answer's running acceptance and timings)")
+        8, description="Student tokens per draft the teacher checks: a number, or auto (each draft the length that "
+                       "keeps the most answer per second, from the answer's running acceptance and timings)")
     max_draft_tokens: int = Field(32, ge=1, le=256, description="auto: the longest draft.")
     ahead_min: float = Field(0.5, ge=0.0, le=1.0,
                              description="auto: draft the next draft during a check only when this one is at least "

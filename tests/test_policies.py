@@ -191,7 +191,7 @@ def test_a_round_the_student_ends_itself_releases_everything() -> None:
 
 def test_verify_defaults_and_bounds() -> None:
     p = TypeAdapter(GuidancePolicy).validate_python(policy_from("verify"))
-    assert isinstance(p, VerifyPolicy) and (p.draft_tokens, p.tokens, p.max_calls) == ("auto", 1, 256)
+    assert isinstance(p, VerifyPolicy) and (p.draft_tokens, p.tokens, p.max_calls) == (8, 1, 256)
     assert (p.max_draft_tokens, p.ahead_min) == (32, 0.5)
     assert TypeAdapter(GuidancePolicy).validate_python({"name": "verify", "draft_tokens": 6}).draft_tokens == 6
     for bad in ({"draft_tokens": 0}, {"draft_tokens": 257}, {"draft_tokens": "long"}, {"max_draft_tokens": 0},

@@ -94,8 +94,10 @@ def test_drafts_share_the_batch_with_plain_guidance(cloud: Service) -> None:
     assert plain["text"] == "".join(pieces) and plain["draft_accepted"] is None
 
 
-@pytest.mark.parametrize("lengths", [{"draft_tokens": 6}, {"draft_tokens": 1}, {"max_draft_tokens": 12}],
-                         ids=["fixed", "one-token", "auto"])
+LENGTHS = [{"draft_tokens": 6}, {"draft_tokens": 1}, {"draft_tokens": "auto", "max_draft_tokens": 12}]
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=["fixed", "one-token", "auto"])
 def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corrections(
         edge_smol: Service, cloud: Service, lengths: dict) -> None:
     body = {"messages": COUNT, "max_tokens": 64, "temperature": 0}
@@ -124,12 +126,11 @@ def test_verify_answers_as_the_teacher_would_with_the_teacher_writing_only_corre
     # Each draft as long as the policy says: fixed, or (auto) 8 until a check was timed, then the answer's own
     # best length within max_draft_tokens. Any length leaves the answer the teacher's.
     drafted = [c["draft_student_tokens"] for c in calls]
-    assert gkt["policy"]["draft_tokens"] == lengths.get("draft_tokens", "auto")
-    # (A draft written ahead loses its first token, the teacher's, when it is used: 6 then 5.)
+    assert gkt["policy"]["draft_tokens"] == lengths["draft_tokens"]
     # Never an empty draft, which the cloud refuses (a one-token draft written ahead held only the teacher's token
     # before ahead drafts got one token more): every check answered, none left the student alone.
     assert not gkt["partial"] and all(c["draft"] and c["finish"] in ("length", "stop") for c in calls), calls
-    if "draft_tokens" in lengths:
+    if lengths["draft_tokens"] != "auto":
         assert all(1 <= n <= lengths["draft_tokens"] for n in drafted), drafted
     else:  # counting: a student the teacher keeps, so the drafts grow past the first 8
         assert drafted[0] <= 8 and all(1 <= n <= 12 for n in drafted) and max(drafted) > 8, drafted

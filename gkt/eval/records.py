@@ -73,10 +73,6 @@ def parse_policy(spec: str) -> tuple[str, int | None]:
         raise ValueError("adaptive takes no k: give min_tokens and max_tokens")
     if name == "verify" and k is not None:
         raise ValueError("verify takes no k: the student drafts from the start (give draft_tokens)")
-    if name == "verify":
-        # Written out: a bare "verify" meant drafts of 8 before draft_tokens became "auto" by default, and the
-        # results files of those runs keep their key ("policy=verify|...").
-        params.setdefault("draft_tokens", "auto")
     if name == "reguide" and k is None:
         k = REGUIDE_K
     if k is not None and k < 1:
