@@ -116,6 +116,12 @@ class VerifyRunner:
                     self.finish = "length"
                     break
                 draft = await self._draft(answer, min(self._length(), left))
+                while not draft.text and not draft.stopped and draft.generated < left:
+                    # All of it held back (the start of a stop sequence, part of a character): write on, since
+                    # the cloud refuses an empty draft. Short drafts (auto) meet this.
+                    draft = await self._draft(answer, min(draft.generated + 4, left))
+            if not draft.text and not draft.stopped:
+                break  # no room left to show it: the student finishes alone, as at any budget's end
             if draft.stopped and not draft.text:
                 self.finish = "stop"  # the student ends the answer where the teacher's last check left it
                 return
