@@ -85,7 +85,7 @@ def test_quick_bench_end_to_end(tmp_path: Path) -> None:
     links = [r for r in data["results"] if r["name"].startswith(("link RTT", "cold prompts, split"))]
     if netlab.unavailable() is None:  # the links section: two hosts in namespaces, a proxy per RTT
         for rtt in (0, 20, 50, 100):
-            for way in ("fixed k k=4", "reguide", "verify"):
+            for way in ("fixed k=4", "reguide", "verify"):
                 assert any(r["name"].startswith(f"link RTT {rtt} ms: latency {way} / teacher-only") for r in links)
         assert any(r["name"].startswith("cold prompts, split, RTT 50 ms: latency gkt k=4") for r in links)
     else:  # said, not measured

@@ -38,7 +38,7 @@ LINK_RATE = "8mbit"  # a slow uplink: guidance is a few hundred bytes per token,
 CLOUD_PORT, EDGE_PORT, PROXY_PORT = 8001, 8002, 9001
 WAYS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("teacher-only", {"mode": "teacher"}),
-    ("fixed k", {"mode": "gkt"}),
+    ("fixed", {"mode": "gkt"}),
     ("reguide", {"mode": "gkt", "guidance_policy": "reguide"}),
     ("verify", {"mode": "gkt", "guidance_policy": "verify"}),
 )
@@ -137,8 +137,9 @@ async def one_rtt(bench: Bench, lk: Link, ms: float) -> None:
         r = rows[name]
         lat, ttft = median([x["latency_s"] for x in r]), median([x["ttft_s"] for x in r])
         calls = median([x["calls"] for x in r])
-        bench.add(Line(f"link RTT {ms:g} ms: latency {name}{' k=' + str(cfg.work_k) if name == 'fixed k' else ''}"
-                       " / teacher-only", ratio(lat, t_lat), 1.0 if name == "fixed k" else None, "<=",
+        label = f"fixed k={cfg.work_k}" if name == "fixed" else name
+        bench.add(Line(f"link RTT {ms:g} ms: latency {label} / teacher-only", ratio(lat, t_lat),
+                       1.0 if name == "fixed" else None, "<=",
                        measured={"latency_s": lat, "teacher_only_s": t_lat, "ttft_s": ttft,
                                  "teacher_only_ttft_s": t_ttft, "ttft_ratio": ratio(ttft, t_ttft),
                                  "guidance_calls": calls, "rtt_cost_s": (calls or 0) * ms / 1000,
