@@ -97,17 +97,18 @@ def test_drafts_share_the_batch_with_plain_guidance(cloud: Service) -> None:
 LENGTHS = [{"draft_tokens": 6}, {"draft_tokens": 1}, {"draft_tokens": "auto", "max_draft_tokens": 12}]
 
 
-def test_a_draft_held_back_whole_by_a_possible_stop_is_written_on_not_sent_empty(edge_smol: Service) -> None:
-    """One-token drafts of a comma list under the stop ", 30": every "," alone may start the stop, so the engine
-    holds it back and the draft has no text. The cloud refuses an empty draft (which would end the checks and
-    leave the student alone); the runner writes on until the draft shows text."""
-    body = {"messages": COUNT, "max_tokens": 120, "temperature": 0, "stop": [", 30"],
-            "guidance_policy": {"name": "verify", "draft_tokens": 1, "max_wait_s": 600.0}}
+def test_a_draft_with_no_whole_character_yet_is_written_on_not_sent_empty(edge_smol: Service) -> None:
+    """One-token drafts of emoji: a byte-level tokenizer spells one emoji in several tokens, so a one-token draft
+    holds part of a character and no text. The cloud refuses an empty draft (which would end the checks and leave
+    the student alone); the runner writes on until the draft shows text."""
+    body = {"messages": [{"role": "user", "content": "Repeat exactly: 🙂🙂🙂🙂🙂🙂🙂🙂"}], "max_tokens": 40,
+            "temperature": 0, "guidance_policy": {"name": "verify", "draft_tokens": 1, "max_wait_s": 600.0}}
     deltas, gkt = stream_answer(edge_smol, body)
-    text = "".join(t for t, _ in deltas)
+    calls = gkt["calls"]
+    print("DRAFTLENS", [c["draft_student_tokens"] for c in calls], [c["draft"] for c in calls][:12])
     assert not gkt["partial"] and gkt["fallback"] is None, gkt
-    assert all(c["draft"] and c["finish"] in ("length", "stop") for c in gkt["calls"]), gkt["calls"]
-    assert text.rstrip().endswith("29") and ", 30" not in text, text
+    assert all(c["draft"] and c["finish"] in ("length", "stop") for c in calls), calls
+    assert any(c["draft_student_tokens"] > 1 for c in calls), calls  # a one-token draft was written on
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=["fixed", "one-token", "auto"])

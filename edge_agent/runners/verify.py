@@ -117,8 +117,8 @@ class VerifyRunner:
                     break
                 draft = await self._draft(answer, min(self._length(), left))
                 while not draft.text and not draft.stopped and draft.generated < left:
-                    # All of it held back (the start of a stop sequence, part of a character): write on, since
-                    # the cloud refuses an empty draft. Short drafts (auto) meet this.
+                    # No text yet (the tokens so far spell part of a character, as one-token drafts of emoji
+                    # do): write on, since the cloud refuses an empty draft.
                     draft = await self._draft(answer, min(draft.generated + 4, left))
             if not draft.text and not draft.stopped:
                 break  # no room left to show it: the student finishes alone, as at any budget's end
