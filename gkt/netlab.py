@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from gkt.launcher import Service
@@ -113,6 +114,24 @@ class Hosts:
         for root_if, *_ in self._mgmt:
             _run("ip", "link", "del", root_if, check=False)
 
+    # The proxy on the edge host -------------------------------------------------------------------------
+    def proxy(self, listen_port: int, target_port: int, log: Path, *args: str,
+              timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+        """gkt/netproxy.py in the edge namespace, on 127.0.0.1:``listen_port`` in front of the cloud's
+        ``target_port``, with its fault or delay ``args``; returned once it listens (its output in ``log``)."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.edge_ns, sys.executable, "-m", "gkt.netproxy", "--listen",
+             f"127.0.0.1:{listen_port}", "--target", f"{self.cloud_addr}:{target_port}", *args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while "listening" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise RuntimeError(f"the proxy did not start (log: {log})")
+            time.sleep(0.1)
+        return proc
+
     # The cloud link ---------------------------------------------------------------------------------------
     def cut(self) -> None:
         """Take the cloud link down at the edge's end: packets stop, no FIN or RST reaches either side."""
@@ -172,3 +191,10 @@ class Hosts:
 
     def counters(self) -> str:
         return _run("ip", "netns", "exec", self.cloud_ns, "nft", "list", "ruleset").stdout
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """End a process this module started (a proxy), if it still runs."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)

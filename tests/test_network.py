@@ -62,16 +62,11 @@ class Bed:
         """(Re)start the proxy in the edge namespace in front of the cloud; returns its log."""
         self.stop_proxy()
         log = self.logs / f"proxy-{time.monotonic_ns()}.log"
-        argv = ["ip", "netns", "exec", self.net.edge_ns, sys.executable, "-m", "gkt.netproxy",
-                "--listen", f"127.0.0.1:{PROXY_PORT}", "--target", f"{self.net.cloud_addr}:{CLOUD_PORT}", *args]
-        self.proxy = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        wait_until(lambda: "listening" in log.read_text(), 20)
+        self.proxy = self.net.proxy(PROXY_PORT, CLOUD_PORT, log, *args)
         return log
 
     def stop_proxy(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            self.proxy.terminate()
-            self.proxy.wait(10)
+        netns.stop(self.proxy)
         self.proxy = None
 
 

@@ -105,7 +105,6 @@ def test_a_draft_with_no_whole_character_yet_is_written_on_not_sent_empty(edge_s
             "temperature": 0, "guidance_policy": {"name": "verify", "draft_tokens": 1, "max_wait_s": 600.0}}
     deltas, gkt = stream_answer(edge_smol, body)
     calls = gkt["calls"]
-    print("DRAFTLENS", [c["draft_student_tokens"] for c in calls], [c["draft"] for c in calls][:12])
     assert not gkt["partial"] and gkt["fallback"] is None, gkt
     assert all(c["draft"] and c["finish"] in ("length", "stop") for c in calls), calls
     assert any(c["draft_student_tokens"] > 1 for c in calls), calls  # a one-token draft was written on

@@ -34,10 +34,7 @@ async def cold_answers(bench: Bench, edge_url: str, where: str, first: int = 70)
     for q in range(max(2, bench.cfg.questions)):
         # The order rotates per question: the machine drifts, and no mode should always go first.
         for mode, k in modes[q % len(modes):] + modes[: q % len(modes)]:
-            body = {**cold_body(bench, first + q, f"{where}-{mode}-{k}"), "mode": mode}
-            body.pop("guidance_tokens")
-            if k is not None:
-                body["guidance_tokens"] = k
+            body = {**cold_body(bench, first + q, f"{where}-{mode}-{k}", k), "mode": mode}
             s = await edge_stream(bench.http, edge_url, body)
             t = s.final["timings"]
             seen[(mode, k)].append({"latency_s": s.latency, "ttft_s": s.ttft,

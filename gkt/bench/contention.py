@@ -43,11 +43,12 @@ def busy_core(core: int | None) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
-def cold_body(bench: Bench, i: int, tag: str) -> dict[str, Any]:
-    """A whole-answer request whose prompt neither side has cached: a unique first line, then the task."""
+def cold_body(bench: Bench, i: int, tag: str, k: int | None = None) -> dict[str, Any]:
+    """A whole-answer request whose prompt neither side has cached: a unique first line, then the task; k
+    guidance tokens (default: the bench's ``work_k``)."""
     prompt = f"Request {tag}-{i}: answer the last question.\n\n{GSM8K.build_prompt(bench.question(i))}"
     return {"messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": bench.cfg.answer_tokens, "guidance_tokens": bench.cfg.work_k}
+            "max_tokens": bench.cfg.answer_tokens, "guidance_tokens": k or bench.cfg.work_k}
 
 
 async def gaps(bench: Bench, tag: str) -> tuple[list[float], list[int]]:

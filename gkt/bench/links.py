@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -77,22 +76,11 @@ class Link:
     def rtt(self, ms: float) -> None:
         """(Re)start the proxy with ``ms`` of round-trip time: half of it on each direction."""
         self.stop_proxy()
-        log = self.bench.cfg.log_dir / f"link-proxy-{ms:g}ms.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.proxy = subprocess.Popen(
-            ["ip", "netns", "exec", self.hosts.edge_ns, sys.executable, "-m", "gkt.netproxy",
-             "--listen", f"127.0.0.1:{PROXY_PORT}", "--target", f"{self.hosts.cloud_addr}:{CLOUD_PORT}",
-             "--delay-ms", str(ms / 2)], stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while "listening" not in log.read_text():
-            if self.proxy.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the link proxy did not start (log: {log})")
-            time.sleep(0.1)
+        self.proxy = self.hosts.proxy(PROXY_PORT, CLOUD_PORT, self.bench.cfg.log_dir / f"link-proxy-{ms:g}ms.log",
+                                      "--delay-ms", str(ms / 2))
 
     def stop_proxy(self) -> None:
-        if self.proxy is not None and self.proxy.poll() is None:
-            self.proxy.terminate()
-            self.proxy.wait(10)
+        netlab.stop(self.proxy)
         self.proxy = None
 
     def down(self) -> None:
